@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,7 @@ def _norm(channels: int, num_groups: int, eps: float) -> nn.GroupNorm:
 
 # ---------------------------------------------------------------------------------------------- blocks
 class ResBlock(nn.Module):
-    """A wide residual block conditioned on the timestep (book chapter 9, ``eq-resblock``).
+    """A wide residual block conditioned on the timestep (book chapter 9; appendix B of the paper).
 
     ``h = conv1(SiLU(GroupNorm(x))) + Linear(SiLU(emb))[:, :, None, None]``, then
     ``h = conv2(dropout(SiLU(GroupNorm(h))))`` and ``skip(x) + h``, where ``skip`` is a 1x1 convolution
@@ -388,17 +388,17 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
                 guidance_scale: Optional[float | torch.Tensor] = None) -> torch.Tensor:
-        """``eps_theta(x_t, t)`` (the paper's eq. 11 / book ``eq-loss-simple`` network).
+        """``eps_theta(x_t, t)`` (the paper's eq. 11 / book ``eq-l-simple`` network).
 
         Args:
             x: noisy images ``(B, in_channels, H, W)``, H and W divisible by ``2 ** (len(ch_mult) - 1)``.
             t: timesteps ``(B,)``, 0-based integers (real values are accepted by the embedding).
             y: class labels ``(B,)`` in ``0..num_classes-1`` for a class-conditional model; None means
                 the null class ``num_classes``.
-            guidance_scale: classifier-free guidance weight w (needs ``num_classes`` and ``y``; a float or
-                a ``(B,)`` tensor): returns ``(1 + w) eps(x, y) - w eps(x, null)`` on the first
-                ``in_channels`` channels (book ``eq-cfg``) and the conditional output on the variance
-                channels, from one batch of 2B.
+            guidance_scale: classifier-free guidance weight w (Ho & Salimans 2022; needs ``num_classes``
+                and ``y``; a float or a ``(B,)`` tensor): returns ``(1 + w) eps(x, y) - w eps(x, null)`` on
+                the first ``in_channels`` channels and the conditional output on the variance channels,
+                from one batch of 2B.
 
         Returns:
             ``(B, out_channels, H, W)``.
