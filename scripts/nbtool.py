@@ -5,7 +5,8 @@
     python scripts/nbtool.py check  book/*.ipynb    # exit 1 if a notebook is not in committed form
 
 Cells whose source contains ``# NBVAL_CHECK_OUTPUT`` keep their outputs: nbval compares them.
-Every other cell is committed without outputs and without an execution count.
+They keep execution count 1 (nbval treats a reference cell without a count as unrun); every other
+cell is committed without outputs and without an execution count.
 """
 from __future__ import annotations
 
@@ -28,11 +29,15 @@ def _clean(nb) -> bool:
             cell.outputs = []
             changed = True
         if keep:
+            # nbval treats a reference cell without an execution count as unrun and fails on it
+            if cell.get("outputs") and cell.get("execution_count") != 1:
+                cell.execution_count = 1
+                changed = True
             for out in cell.get("outputs", []):
-                if out.get("execution_count") is not None:
-                    out["execution_count"] = None
+                if "execution_count" in out and out["execution_count"] != 1:
+                    out["execution_count"] = 1
                     changed = True
-        if cell.get("execution_count") is not None:
+        elif cell.get("execution_count") is not None:
             cell.execution_count = None
             changed = True
         for key in ("execution", "collapsed", "scrolled"):
