@@ -741,7 +741,7 @@ class GaussianMixture2D:
         return -math.sqrt(1.0 - float(alpha_bar)) * self.noised(alpha_bar).score(x_t)
 
     def posterior_mean(self, x_t: torch.Tensor, alpha_bar) -> torch.Tensor:
-        """Tweedie's ``E[x_0 | x_t] = (x_t + (1 - abar) score_t(x_t)) / sqrt(abar)``; ``(N, d)``."""
+        """Tweedie's ``E[x_0 | x_t] = (x_t + (1 - abar) score_t(x_t)) / sqrt(abar)``; ``(N, d)`` (book ``eq-tweedie``)."""
         ab = float(alpha_bar)
         return (x_t + (1.0 - ab) * self.noised(ab).score(x_t)) / math.sqrt(ab)
 
