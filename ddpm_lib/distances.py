@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import linalg
 
 __all__ = ["energy_distance", "mmd_rbf", "frechet_distance", "gaussian_stats"]
 
@@ -46,7 +45,7 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
     ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2})``.
     """
@@ -55,9 +54,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError("the two Gaussians must have the same dimension")
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    covmean = np.real(covmean)
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    # tr((sigma1 sigma2)^{1/2}) = tr((A sigma2 A)^{1/2}) with A = sigma1^{1/2}; the matrix inside is
+    # symmetric positive semi-definite, so its square root comes from a symmetric eigensolver.
+    w1, v1 = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    a = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
+    m = a @ ((sigma2 + sigma2.T) / 2) @ a
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)

@@ -1,0 +1,472 @@
+"""The command line: ``python -m ddpm_lib train | sample | bpd | info`` (also installed as ``ddpm``).
+
+Examples::
+
+    python -m ddpm_lib train --preset fashion-small --steps 2000 --out runs/fm
+    python -m ddpm_lib train --out runs/fm --resume --steps 4000          # continue runs/fm/last.pt
+    python -m ddpm_lib sample --ckpt runs/fm/last.pt --sampler ddim --steps 50 --n 64 --out samples.png
+    python -m ddpm_lib sample --ckpt runs/fm/last.pt --n 1000 --out samples.npz --crop --fd
+    python -m ddpm_lib bpd --ckpt runs/fm/last.pt --n 256
+    python -m ddpm_lib info --ckpt runs/fm/last.pt
+
+Errors are reported as one line ``error: ...`` on stderr with exit status 1 (2 for bad usage).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+__all__ = ["main", "build_parser"]
+
+# Training options whose CLI default is "the paper's value, or the checkpoint's when resuming".
+_TRAIN_FLAGS = {
+    "batch_size": "batch_size", "lr": "lr", "warmup": "warmup", "grad_clip": "grad_clip",
+    "ema_decay": "ema_decay", "ema_warmup": "ema_warmup", "cond_drop_prob": "cond_drop_prob", "hflip": "hflip",
+    "log_every": "log_every", "save_every": "save_every", "sample_every": "sample_every",
+    "sample_n": "sample_n", "sample_steps": "sample_steps", "seed": "seed", "bf16": "bf16",
+    "channels_last": "channels_last", "compile": "compile",
+}
+
+
+def _auto_bool(value: str):
+    v = value.strip().lower()
+    if v in ("auto",):
+        return "auto"
+    if v in ("on", "1", "true", "yes"):
+        return True
+    if v in ("off", "0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on, off or auto, got {value!r}")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .unet import UNet
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="python -m ddpm_lib",
+        description="Train, sample and evaluate DDPMs (Ho et al. 2020) with ddpm_lib.",
+        epilog="Run `python -m ddpm_lib COMMAND --help` for the options of each command.")
+    p.add_argument("--version", action="version", version=f"ddpm_lib {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # ---- train
+    t = sub.add_parser("train", formatter_class=fmt, help="train a U-Net (Algorithm 1)",
+                       description="Train a U-Net on an image data set with the paper's settings (each a flag). "
+                                   "Writes OUT/last.pt, OUT/config.json, OUT/loss_history.{json,csv} and "
+                                   "OUT/samples/step_*.png. Options left out take the paper's values, or the "
+                                   "checkpoint's when resuming.")
+    t.add_argument("--out", required=True, help="output folder (checkpoints, grids, loss history)")
+    t.add_argument("--preset", default="fashion-small", choices=UNet.presets(), help="U-Net preset")
+    t.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "mnist", "cifar10", "digits"],
+                   help="training data (digits: scikit-learn's 8x8 digits, always offline)")
+    t.add_argument("--data-root", default=None, help="torchvision data root (default $DDPM_DATA_DIR or ~/.cache/ddpm_lib)")
+    t.add_argument("--limit", type=_positive_int, default=None, help="use only the first LIMIT training images")
+    t.add_argument("--size", type=_positive_int, default=None, help="resize the images to SIZE x SIZE first")
+    t.add_argument("--pad-to", type=_nonneg_int, default=None,
+                   help="pad images to PAD_TO x PAD_TO with black (default: 32 for 28x28 Fashion-MNIST/MNIST "
+                        "when no --size; 0: no padding)")
+    t.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    t.add_argument("--conditional", action="store_true",
+                   help="class-conditional model (labels as y; null class for classifier-free guidance)")
+    g = t.add_argument_group("length")
+    g.add_argument("--steps", type=_nonneg_int, default=None,
+                   help="train until this many optimizer steps in total (default 800000 without --minutes, "
+                        "the paper's CIFAR-10 length)")
+    g.add_argument("--minutes", type=float, default=None, help="wall-clock budget for this run, in minutes")
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="resume from PATH, or from OUT/last.pt when given without a path (starting fresh if "
+                        "there is none); model, diffusion and data come from the checkpoint")
+    o = t.add_argument_group("optimisation (paper defaults)")
+    o.add_argument("--batch-size", type=_positive_int, default=None, help="batch size [128]")
+    o.add_argument("--lr", type=float, default=None, help="Adam learning rate [2e-4]")
+    o.add_argument("--warmup", type=_nonneg_int, default=None, help="linear learning-rate warm-up steps [5000]")
+    o.add_argument("--grad-clip", type=float, default=None, help="clip the gradient's global norm; 0: off [1.0]")
+    o.add_argument("--ema-decay", type=float, default=None, help="EMA decay [0.9999]; ~0.999 for short runs")
+    o.add_argument("--ema-warmup", type=_auto_bool, default=None, metavar="on|off",
+                   help="EMA decay min(decay, (1+step)/(10+step)) [off]")
+    o.add_argument("--cond-drop-prob", type=float, default=None,
+                   help="label dropout probability for classifier-free guidance [0]")
+    o.add_argument("--hflip", type=_auto_bool, default=None, metavar="on|off",
+                   help="random horizontal flips (the paper's CIFAR-10 augmentation) [off]")
+    o.add_argument("--seed", type=int, default=None, help="random seed [0]")
+    d = t.add_argument_group("diffusion (paper defaults)")
+    d.add_argument("--schedule", default="linear", choices=["linear", "cosine", "quadratic", "sigmoid"],
+                   help="beta schedule")
+    d.add_argument("--T", type=_positive_int, default=1000, help="number of diffusion steps")
+    d.add_argument("--mean-type", default="eps", choices=["eps", "x0", "v"], help="what the network predicts")
+    d.add_argument("--var-type", default="fixed_large", choices=["fixed_large", "fixed_small", "learned_range"],
+                   help="reverse-process variance")
+    d.add_argument("--loss-type", default="simple", choices=["simple", "vlb", "hybrid"], help="training loss")
+    e = t.add_argument_group("output")
+    e.add_argument("--log-every", type=_positive_int, default=None, help="log the mean loss every N steps [100]")
+    e.add_argument("--save-every", type=_nonneg_int, default=None, help="checkpoint every N steps; 0: only at the end [5000]")
+    e.add_argument("--sample-every", type=_nonneg_int, default=None,
+                   help="DDIM sample grid (EMA weights) every N steps; 0: never [5000]")
+    e.add_argument("--sample-n", type=_positive_int, default=None, help="images per sample grid [64]")
+    e.add_argument("--sample-steps", type=_positive_int, default=None, help="DDIM steps for the sample grids [50]")
+    e.add_argument("--export", default=None, metavar="PATH",
+                   help="also write an EMA-only float16 checkpoint to PATH at the end")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    h = t.add_argument_group("hardware")
+    h.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    h.add_argument("--bf16", type=_auto_bool, default=None, metavar="on|off|auto",
+                   help="bfloat16 autocast with float32 master weights [auto: on with CUDA]")
+    h.add_argument("--channels-last", type=_auto_bool, default=None, metavar="on|off|auto",
+                   help="channels_last memory format [auto: on with CUDA]")
+    h.add_argument("--compile", type=_auto_bool, default=None, metavar="on|off|auto",
+                   help="torch.compile the network; auto: try on CUDA, fall back to eager [off]")
+    h.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    t.set_defaults(func=_cmd_train)
+
+    # ---- sample
+    s = sub.add_parser("sample", formatter_class=fmt, help="draw samples from a checkpoint",
+                       description="Sample from a checkpoint's EMA weights. --out ending in .png writes a grid; "
+                                   "ending in .npz writes the raw samples as uint8 (N, H, W, C) under 'arr_0' "
+                                   "(np.savez(path, samples[, labels]) as openai/guided-diffusion; labels under "
+                                   "'arr_1' for conditional models).")
+    s.add_argument("--ckpt", required=True, help="checkpoint (last.pt or an EMA-only export)")
+    s.add_argument("--out", default="samples.png", help="output .png (grid) or .npz (raw uint8 samples)")
+    s.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="DDPM (Algorithm 2, T steps) or DDIM")
+    s.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (DDPM always takes T)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    s.add_argument("--n", type=_positive_int, default=64, help="number of samples")
+    s.add_argument("--batch-size", type=_positive_int, default=256, help="samples per batch")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance weight w (conditional models)")
+    s.add_argument("--class-label", type=int, default=None,
+                   help="class to sample (conditional models; default: cycle through all classes)")
+    s.add_argument("--crop", action="store_true",
+                   help="undo the padding recorded in the checkpoint (e.g. 32x32 -> 28x28 Fashion-MNIST)")
+    s.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row (default sqrt(n))")
+    s.add_argument("--fd", action="store_true",
+                   help="also print the FD (Fashion-MNIST classifier) of the samples with its real-vs-real "
+                        "baseline (Fashion-MNIST checkpoints; not FID)")
+    s.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_sample)
+
+    # ---- bpd
+    b = sub.add_parser("bpd", formatter_class=fmt, help="the variational bound in bits/dim",
+                       description="The negative log-likelihood bound in bits/dim on the test split (T network "
+                                   "calls per batch), with its terms: prior L_T, the sum of the step KLs, and "
+                                   "the decoder L_0.")
+    b.add_argument("--ckpt", required=True, help="checkpoint")
+    b.add_argument("--n", type=_positive_int, default=256, help="number of test images")
+    b.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch")
+    b.add_argument("--split", default="test", choices=["train", "test"],
+                   help="data split (the digits data set has only 'train')")
+    b.add_argument("--seed", type=int, default=0, help="random seed for the noise")
+    b.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    b.add_argument("--progress", action="store_true", help="show a progress bar over timesteps")
+    b.set_defaults(func=_cmd_bpd)
+
+    # ---- info
+    i = sub.add_parser("info", formatter_class=fmt, help="describe a checkpoint",
+                       description="Print a checkpoint's configuration, step and parameter count.")
+    i.add_argument("--ckpt", required=True, help="checkpoint")
+    i.add_argument("--json", action="store_true", help="print the full configuration as JSON")
+    i.set_defaults(func=_cmd_info)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _device(name: str):
+    import torch
+
+    from .config import default_device
+
+    if name == "auto":
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
+    return dev
+
+
+def _load_data(name: str, split: str, data_cfg: Dict[str, Any], root=None):
+    from .data import load_dataset
+
+    if name == "digits" and split == "test":
+        split = "train"
+    return load_dataset(name, split, root=root, size=data_cfg.get("size"), pad_to=data_cfg.get("pad_to"),
+                        limit=data_cfg.get("limit") if split == "train" else None)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- train
+def _cmd_train(args) -> int:
+    import torch
+
+    from .diffusion import GaussianDiffusion
+    from .trainer import Trainer, TrainConfig, export_checkpoint, read_checkpoint
+    from .unet import UNet
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.minutes is not None and not args.minutes > 0:
+        raise ValueError(f"--minutes must be > 0, got {args.minutes}")
+    device = _device(args.device)
+    out = Path(args.out)
+    explicit = {k: getattr(args, flag) for flag, k in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    if "grad_clip" in explicit and explicit["grad_clip"] <= 0:
+        explicit["grad_clip"] = None
+    explicit["progress"] = not args.no_progress
+
+    resume_path: Optional[Path] = None
+    if args.resume is not None:
+        resume_path = out / "last.pt" if args.resume is True else Path(args.resume)
+        if args.resume is True and not resume_path.exists():
+            _say(f"--resume: no checkpoint at {resume_path}; starting a new run")
+            resume_path = None
+        elif not resume_path.exists():
+            raise FileNotFoundError(f"--resume: checkpoint not found: {resume_path}")
+
+    if resume_path is not None:
+        state = read_checkpoint(resume_path)
+        data_cfg = dict(state["config"].get("data") or {})
+        name = data_cfg.get("name") or args.dataset
+        data = _load_data(name, "train", data_cfg, args.data_root)
+        trainer = Trainer.from_checkpoint(resume_path, data, device=device, out_dir=out, **explicit)
+        _say(f"resumed {resume_path} at step {trainer.step}")
+    else:
+        pad_to = args.pad_to
+        if pad_to is None and args.size is None and args.dataset in ("fashion_mnist", "mnist"):
+            pad_to = 32
+        data_cfg = {"size": args.size, "pad_to": pad_to or None, "limit": args.limit}
+        data = _load_data(args.dataset, "train", data_cfg, args.data_root)
+        C, H, W = data.shape
+        if H != W:
+            raise ValueError(f"the images are {H}x{W}; the U-Net needs square images (use --size)")
+        overrides: Dict[str, Any] = {"in_channels": C, "image_size": H}
+        if args.dropout is not None:
+            overrides["dropout"] = args.dropout
+        if args.conditional:
+            overrides["num_classes"] = data.num_classes
+        if args.var_type == "learned_range":
+            overrides["learn_sigma"] = True
+        model = UNet.from_preset(args.preset, **overrides)
+        diffusion = GaussianDiffusion(args.schedule, args.mean_type, args.var_type, args.loss_type,
+                                      num_timesteps=args.T)
+        info = {k: v for k, v in data_cfg.items() if v is not None}
+        if info.get("pad_to") and args.dataset in ("fashion_mnist", "mnist") and not args.size:
+            info["original_size"] = 28
+        cfg = TrainConfig(**explicit)
+        trainer = Trainer(model, diffusion, data, device=device, out_dir=out, preset=args.preset, data_info=info,
+                          config=cfg)
+    steps = args.steps
+    if steps is None and args.minutes is None:
+        steps = 800_000
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    c = trainer.cfg
+    _say(f"training {trainer.preset or 'model'} ({n_params:,} parameters) on {trainer.data_info.get('name')} "
+         f"{trainer.data_info.get('shape')} on {trainer.device}: batch {c.batch_size}, lr {c.lr:g}, warm-up "
+         f"{c.warmup}, grad clip {c.grad_clip}, EMA {c.ema_decay}{' (warm-up)' if c.ema_warmup else ''}, "
+         f"bf16 {trainer.use_bf16}, channels_last {trainer.use_channels_last}, compile {c.compile}; "
+         f"until step {steps if steps is not None else '-'}"
+         f"{f' or {args.minutes:g} min' if args.minutes else ''}")
+    try:
+        trainer.train(steps=steps, minutes=args.minutes)
+    except KeyboardInterrupt:
+        print(f"interrupted at step {trainer.step}; checkpoint: {trainer.last_checkpoint} "
+              f"(continue with --resume)", file=sys.stderr)
+        return 130
+    st = trainer.stats
+    _say(f"done: step {trainer.step}, {st['steps']} steps in {st['wall_s']:.1f} s, "
+         f"{st['images_per_s']:.1f} images/s, final loss {st['final_loss']:.4f}; checkpoint {trainer.last_checkpoint}")
+    if args.export:
+        path = export_checkpoint(trainer.last_checkpoint, args.export)
+        _say(f"exported EMA weights (float16) to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- sample
+def _crop(x, config: Dict[str, Any]):
+    data = config.get("data") or {}
+    pad_to, orig = data.get("pad_to"), data.get("original_size")
+    if not pad_to or not orig:
+        raise ValueError("--crop: the checkpoint records no padding (data.pad_to / data.original_size)")
+    H = x.shape[-1]
+    top = (pad_to - orig) // 2
+    if H != pad_to:
+        raise ValueError(f"--crop: samples are {H}x{H} but the checkpoint says the data were padded to {pad_to}")
+    return x[..., top:top + orig, top:top + orig]
+
+
+def _cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from .data import save_image_grid, to_uint8
+    from .samplers import ddim_sample, ddpm_sample
+    from .trainer import load_checkpoint
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".npz"):
+        raise ValueError(f"--out must end in .png or .npz, got {out}")
+    device = _device(args.device)
+    model, diffusion, config = load_checkpoint(args.ckpt, map_location=device)
+    shape = (config.get("data") or {}).get("shape")
+    mc = (config.get("model") or {}).get("config") or {}
+    if shape is None:
+        shape = [mc.get("in_channels", 3), mc.get("image_size", 32), mc.get("image_size", 32)]
+    num_classes = mc.get("num_classes")
+    if (args.guidance_scale is not None or args.class_label is not None) and not num_classes:
+        raise ValueError("--guidance-scale/--class-label need a class-conditional checkpoint (trained with --conditional)")
+    if args.class_label is not None and not 0 <= args.class_label < num_classes:
+        raise ValueError(f"--class-label must lie in 0..{num_classes - 1}, got {args.class_label}")
+    if args.sampler == "ddim" and args.steps > diffusion.num_timesteps:
+        raise ValueError(f"--steps must be at most T = {diffusion.num_timesteps}, got {args.steps}")
+    g = torch.Generator().manual_seed(args.seed)
+    chunks, labels = [], []
+    done = 0
+    while done < args.n:
+        b = min(args.batch_size, args.n - done)
+        y = None
+        if num_classes:
+            y = (torch.full((b,), args.class_label, dtype=torch.long) if args.class_label is not None
+                 else torch.arange(done, done + b) % num_classes).to(device)
+            labels.append(y.cpu())
+        kw = dict(generator=g, y=y, guidance_scale=args.guidance_scale, progress=not args.no_progress,
+                  device=device)
+        if args.sampler == "ddpm":
+            x = ddpm_sample(model, diffusion, (b, *shape), **kw)
+        else:
+            x = ddim_sample(model, diffusion, (b, *shape), steps=args.steps, eta=args.eta, **kw)
+        chunks.append(x.cpu())
+        done += b
+    x = torch.cat(chunks)
+    if args.crop:
+        x = _crop(x, config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".png":
+        nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
+        save_image_grid(x, out, nrow=nrow)
+    else:
+        arrays = [to_uint8(x)]
+        if labels:
+            arrays.append(torch.cat(labels).numpy())
+        np.savez(out, *arrays)
+    _say(f"wrote {args.n} samples ({args.sampler}{'' if args.sampler == 'ddpm' else f', {args.steps} steps'}) "
+         f"of shape {tuple(x.shape[1:])} to {out}")
+    if args.fd:
+        from .metrics import fd_fashion
+
+        if (config.get("data") or {}).get("name") != "fashion_mnist":
+            raise ValueError("--fd needs a Fashion-MNIST checkpoint")
+        _say(str(fd_fashion(x, device=device)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- bpd
+def _cmd_bpd(args) -> int:
+    from .metrics import bits_per_dim
+    from .trainer import load_checkpoint
+
+    device = _device(args.device)
+    model, diffusion, config = load_checkpoint(args.ckpt, map_location=device)
+    data_cfg = dict(config.get("data") or {})
+    name = data_cfg.get("name")
+    if not name:
+        raise ValueError(f"{args.ckpt} does not record its data set; cannot evaluate the bound")
+    split = args.split
+    if name == "digits" and split == "test":
+        _say("the digits data set has no test split: using the training images")
+        split = "train"
+    data = _load_data(name, split, data_cfg)
+    res = bits_per_dim(model, diffusion, data, n=args.n, batch_size=args.batch_size, device=device,
+                       seed=args.seed, progress=args.progress)
+    _say(f"variational bound on {res.n} {name} {split} images (T = {diffusion.num_timesteps}):")
+    _say(f"  total        {res.total:9.4f} ± {res.total_se:.4f} bits/dim")
+    _say(f"  prior L_T    {res.prior:9.5f} ± {res.prior_se:.5f}")
+    _say(f"  step KLs     {res.kl:9.4f} ± {res.kl_se:.4f}   (sum of L_1 .. L_{{T-1}})")
+    _say(f"  decoder L_0  {res.decoder:9.4f} ± {res.decoder_se:.4f}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- info
+def _cmd_info(args) -> int:
+    from .trainer import load_checkpoint, read_checkpoint
+
+    state = read_checkpoint(args.ckpt)
+    model, diffusion, config = load_checkpoint(args.ckpt)
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.json:
+        print(json.dumps(config, indent=1))
+        return 0
+    shown = json.loads(json.dumps(config))
+    betas = shown.get("diffusion", {}).pop("betas", None)
+    size = Path(args.ckpt).stat().st_size
+    _say(f"checkpoint: {args.ckpt} ({size / 1e6:.1f} MB, {'full, resumable' if state['kind'] == 'full' else 'EMA-only export'})")
+    _say(f"step: {state['step']}")
+    _say(f"parameters: {n_params:,}")
+    m = shown.get("model", {})
+    _say(f"model: {m.get('class')} preset={m.get('preset')} config={json.dumps(m.get('config'))}")
+    dcfg = shown.get("diffusion", {})
+    _say(f"diffusion: {json.dumps(dcfg)}" + (f" (betas {betas[0]:.3g}..{betas[-1]:.3g})" if betas else ""))
+    _say(f"data: {json.dumps(shown.get('data'))}")
+    _say(f"train: {json.dumps(shown.get('train'))}")
+    hist = state.get("history") or []
+    if hist:
+        _say(f"last logged loss: {hist[-1][1]:.4f} at step {hist[-1][0]}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _one_line(exc: BaseException) -> str:
+    msg = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, KeyError):
+        msg = f"missing key {msg}"
+    return " ".join(msg.split())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the exit status (0 success, 1 error, 2 bad usage, 130 interrupted)."""
+    from .data import DatasetUnavailableError
+    from .metrics import FIDUnavailableError
+    from .trainer import CheckpointError, NonFiniteLossError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (DatasetUnavailableError, CheckpointError, NonFiniteLossError, FIDUnavailableError, ValueError,
+            FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1

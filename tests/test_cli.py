@@ -1,0 +1,146 @@
+"""The command line: train -> sample (png, npz) -> bpd -> info end to end, resume, errors, --help."""
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_lib.cli import build_parser, main
+
+TINY = ["--preset", "tiny", "--dataset", "digits", "--batch-size", "8", "--T", "30", "--log-every", "2",
+        "--sample-n", "4", "--sample-steps", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *TINY, "--steps", "4", "--save-every", "2", "--sample-every", "4", "--out", str(out)]) == 0
+    return out
+
+
+def _err_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_train_writes_everything(run):
+    assert (run / "last.pt").is_file() and (run / "config.json").is_file()
+    assert (run / "samples" / "step_0000004.png").is_file()
+    assert (run / "loss_history.json").is_file()
+
+
+def test_sample_png_and_npz(run, tmp_path, capsys):
+    png = tmp_path / "grid.png"
+    assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "4", "--steps", "3", "--out", str(png),
+                 "--no-progress"]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    npz = tmp_path / "s.npz"
+    assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "5", "--batch-size", "3", "--sampler", "ddpm",
+                 "--out", str(npz), "--no-progress"]) == 0
+    arr = np.load(npz)
+    assert arr.files == ["arr_0"]
+    assert arr["arr_0"].dtype == np.uint8 and arr["arr_0"].shape == (5, 8, 8, 1)
+    assert "wrote 5 samples (ddpm)" in capsys.readouterr().out
+
+
+def test_bpd_and_info(run, capsys):
+    assert main(["bpd", "--ckpt", str(run / "last.pt"), "--n", "4", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    for word in ("total", "prior L_T", "step KLs", "decoder L_0", "bits/dim"):
+        assert word in out
+    assert main(["info", "--ckpt", str(run / "last.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "step: 4" in out and "parameters: " in out and "preset=tiny" in out
+
+
+def test_resume_continues(run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(run, out)
+    assert main(["train", "--out", str(out), "--resume", "--steps", "6", "--no-progress"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    from ddpm_lib import load_checkpoint
+
+    _, diffusion, cfg = load_checkpoint(out / "last.pt")
+    assert cfg["step"] == 6 and diffusion.num_timesteps == 30 and cfg["train"]["batch_size"] == 8
+
+
+def test_conditional_npz_has_labels(tmp_path):
+    out = tmp_path / "cond"
+    assert main(["train", *TINY, "--conditional", "--cond-drop-prob", "0.2", "--steps", "2", "--sample-every", "0",
+                 "--out", str(out)]) == 0
+    npz = tmp_path / "c.npz"
+    assert main(["sample", "--ckpt", str(out / "last.pt"), "--n", "3", "--steps", "2", "--guidance-scale", "1.5",
+                 "--class-label", "7", "--out", str(npz), "--no-progress"]) == 0
+    arr = np.load(npz)
+    assert arr["arr_0"].shape == (3, 8, 8, 1) and arr["arr_1"].tolist() == [7, 7, 7]
+
+
+def test_fashion_crop_undoes_padding(tmp_path):
+    out = tmp_path / "fm"
+    assert main(["train", "--preset", "fashion-small", "--limit", "16", "--batch-size", "2", "--T", "30",
+                 "--steps", "1", "--sample-every", "0", "--no-progress", "--out", str(out)]) == 0
+    npz = tmp_path / "fm.npz"
+    assert main(["sample", "--ckpt", str(out / "last.pt"), "--n", "2", "--steps", "2", "--crop", "--out", str(npz),
+                 "--no-progress"]) == 0
+    assert np.load(npz)["arr_0"].shape == (2, 28, 28, 1)
+
+
+def test_errors_are_one_line(run, tmp_path, capsys):
+    assert main(["sample", "--ckpt", str(tmp_path / "missing.pt")]) == 1
+    assert "checkpoint not found" in _err_line(capsys)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((run / "last.pt").read_bytes()[:1000])
+    assert main(["info", "--ckpt", str(bad)]) == 1
+    assert "not a readable checkpoint" in _err_line(capsys)
+    assert main(["sample", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "x.jpg")]) == 1
+    assert ".png or .npz" in _err_line(capsys)
+    assert main(["sample", "--ckpt", str(run / "last.pt"), "--crop", "--n", "1", "--steps", "1", "--no-progress",
+                 "--out", str(tmp_path / "y.png")]) == 1
+    assert "records no padding" in _err_line(capsys)
+    assert main(["sample", "--ckpt", str(run / "last.pt"), "--guidance-scale", "2"]) == 1
+    assert "class-conditional" in _err_line(capsys)
+    assert main(["train", "--out", str(tmp_path / "r"), "--resume", str(tmp_path / "none.pt")]) == 1
+    assert "not found" in _err_line(capsys)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "imagenet", "--out", str(tmp_path)])
+    assert e.value.code == 2
+
+
+def test_help_documents_every_option(capsys):
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subs.choices) == {"train", "sample", "bpd", "info"}
+    for name, sp in subs.choices.items():
+        for action in sp._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "--ckpt" in capsys.readouterr().out or name == "train"
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+
+
+def test_python_m_missing_checkpoint_subprocess(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "ddpm_lib", "sample", "--ckpt", str(tmp_path / "nope.pt")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint not found") and "nope.pt" in lines[0]
+    assert "Traceback" not in r.stderr

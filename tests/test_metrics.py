@@ -1,0 +1,110 @@
+"""Metrics: bits/dim, the FID-unavailable message, and the offline FD (Fashion-MNIST classifier)."""
+import builtins
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_lib import GaussianDiffusion, UNet, load_dataset
+from ddpm_lib import metrics
+from ddpm_lib.metrics import FD_NAME, FIDUnavailableError, bits_per_dim, fd_fashion, fid
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_bits_per_dim_terms_add_up():
+    torch.manual_seed(0)
+    model = UNet.from_preset("tiny", in_channels=1, image_size=8).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    diffusion = GaussianDiffusion("cosine", num_timesteps=20)
+    data = load_dataset("digits", limit=6)
+    res = bits_per_dim(model, diffusion, data, n=5, batch_size=2, seed=1)
+    assert res.n == 5
+    assert res.total == pytest.approx(res.prior + res.kl + res.decoder, rel=1e-5)
+    assert all(np.isfinite([res.total_se, res.kl_se, res.decoder_se])) and res.total_se > 0
+    direct = diffusion.calc_bpd_loop(model, data.images[:5], generator=torch.Generator().manual_seed(1))
+    # the same noise stream only when the whole set is one batch
+    res1 = bits_per_dim(model, diffusion, data, n=5, batch_size=5, seed=1)
+    assert res1.total == pytest.approx(float(direct["total_bpd"].double().mean()), rel=1e-5)
+    assert "bits/dim" in str(res)
+
+
+def test_fid_unavailable_without_torchmetrics(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("torchmetrics"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    x = torch.zeros(4, 1, 28, 28)
+    with pytest.raises(FIDUnavailableError) as e:
+        fid(x, x)
+    msg = str(e.value)
+    assert "torchmetrics" in msg and "ddpm_lib[fid]" in msg and "fd_fashion" in msg
+    assert "FD (Fashion-MNIST classifier)" in msg
+
+
+def test_fid_unavailable_offline(monkeypatch):
+    pytest.importorskip("torchmetrics")
+    monkeypatch.setattr(metrics, "_inception_cached", lambda: False)
+    import ddpm_lib.data as data
+
+    def offline(url, timeout=5.0):
+        raise OSError("cannot reach github.com:443: no network")
+
+    monkeypatch.setattr(data, "_probe", offline)
+    x = torch.zeros(4, 1, 28, 28)
+    with pytest.raises(FIDUnavailableError, match="Inception weights.*cannot be downloaded"):
+        fid(x, x)
+
+
+def test_classifier_cache_is_written_atomically_and_reused(tmp_path, monkeypatch):
+    net, info = metrics.fashion_classifier(cache=tmp_path, epochs=0.01, seed=1)  # a few steps: fast
+    assert (tmp_path / "fd_classifier_fashion.pt").is_file()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert 0.0 <= info["test_accuracy"] <= 1.0 and not net.training
+    metrics._CLASSIFIERS.clear()
+
+    def no_training(*a, **k):
+        raise AssertionError("should load from the cache")
+
+    monkeypatch.setattr(metrics, "_train_classifier", no_training)
+    net2, info2 = metrics.fashion_classifier(cache=tmp_path, epochs=0.01, seed=1)
+    assert info2["test_accuracy"] == info["test_accuracy"]
+    for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow  # trains the classifier (~40 s of one core) the first time on a machine; cached afterwards
+def test_fd_real_small_noise_large():
+    real = load_dataset("fashion_mnist", "train", limit=400, pad_to=32).images  # 32x32: cropped inside
+    res = fd_fashion(real, n=400)
+    assert res.name == FD_NAME and "FID" not in str(res)
+    assert FD_NAME in str(res) and "baseline" in str(res)
+    assert res.classifier_accuracy > 0.88
+    assert res.fd < 3 * res.baseline + 1.0
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(400, 1, 28, 28, generator=g) * 2 - 1
+    bad = fd_fashion(noise)
+    assert bad.fd > 20 * bad.baseline and bad.fd > 10 * res.fd
+    # uint8 (N, H, W, 1) arrays, as in a samples .npz, give the same number as the floats
+    u8 = np.round((real.numpy()[:, 0, :, :, None] + 1) * 127.5).astype(np.uint8)
+    assert fd_fashion(u8, n=400).fd == pytest.approx(res.fd, rel=1e-6)
+
+
+def test_fd_bad_inputs():
+    with pytest.raises(ValueError, match="28x28"):
+        metrics._prepare_fashion(torch.zeros(3, 1, 20, 20))
+    with pytest.raises(ValueError, match="n must lie"):
+        fd_fashion(torch.zeros(3, 1, 28, 28), n=10)

@@ -1,0 +1,334 @@
+"""Training loop, EMA, warm-up, clipping, checkpoints (atomic, corrupt, mismatched), resume, NaN handling."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from ddpm_lib import GaussianDiffusion, UNet, load_dataset
+from ddpm_lib.ema import EMA, ema_decay_at
+from ddpm_lib.trainer import (
+    CheckpointError,
+    NonFiniteLossError,
+    Trainer,
+    TrainConfig,
+    export_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    warmup_lr,
+)
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: much faster for these tiny networks, and immune to a busy CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", size=16)
+
+
+def _model(conditional=False, seed=0):
+    torch.manual_seed(seed)
+    return UNet.from_preset("tiny", in_channels=1, image_size=16, dropout=0.1,
+                            num_classes=10 if conditional else None)
+
+
+def _diffusion():
+    return GaussianDiffusion("linear", num_timesteps=100)
+
+
+OPTS = dict(device="cpu", batch_size=8, warmup=4, ema_decay=0.9, ema_warmup=True, log_every=2, save_every=3,
+            sample_every=0, progress=False, seed=3, hflip=True, cond_drop_prob=0.25)
+
+
+def _trainer(data, out_dir, seed=0, **kw):
+    return Trainer(_model(conditional=True, seed=seed), _diffusion(), data, out_dir=out_dir, **{**OPTS, **kw})
+
+
+def _states(tr):
+    return tr.model.state_dict(), tr.ema.state_dict(), tr.optimizer.state_dict()
+
+
+def _assert_identical(a, b):
+    for sa, sb in zip(a[:2], b[:2]):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    oa, ob = a[2]["state"], b[2]["state"]
+    for i in oa:
+        for k in oa[i]:
+            assert torch.equal(oa[i][k], ob[i][k]), (i, k)
+
+
+@pytest.fixture(scope="module")
+def reference(digits, tmp_path_factory):
+    """An uninterrupted run of STEPS steps."""
+    tr = _trainer(digits, tmp_path_factory.mktemp("ref"))
+    tr.train(steps=STEPS)
+    return tr
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+def test_warmup_lr_values():
+    assert warmup_lr(0, 2e-4, 5000) == pytest.approx(2e-4 / 5000)
+    assert warmup_lr(2499, 2e-4, 5000) == pytest.approx(1e-4)
+    assert warmup_lr(4999, 2e-4, 5000) == pytest.approx(2e-4)
+    assert warmup_lr(10**6, 2e-4, 5000) == 2e-4
+    assert warmup_lr(0, 1e-3, 0) == 1e-3
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.warmup, cfg.grad_clip, cfg.ema_decay, cfg.batch_size) == (2e-4, 5000, 1.0, 0.9999, 128)
+
+
+def test_trainer_sets_warmup_lr(digits, tmp_path):
+    tr = _trainer(digits, None, warmup=4, lr=1e-3)
+    seen = []
+    tr.optimizer.register_step_pre_hook(lambda opt, a, k: seen.append(opt.param_groups[0]["lr"]))
+    tr.train(steps=6)
+    assert seen == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_ema_math():
+    assert ema_decay_at(0, 0.9999) == 0.9999
+    assert ema_decay_at(0, 0.9999, warmup=True) == pytest.approx(0.1)
+    assert ema_decay_at(8, 0.9999, warmup=True) == pytest.approx(0.5)
+    assert ema_decay_at(10**7, 0.999, warmup=True) == 0.999
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, decay=0.9)
+    old = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    d = ema.update(net, step=5)
+    assert d == 0.9
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(ema.state_dict()[k], 0.9 * old[k] + 0.1 * v)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_grad_clipping_happens(digits):
+    norms = []
+
+    def record(opt, args, kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    tr = _trainer(digits, None, grad_clip=1e-4)
+    tr.optimizer.register_step_pre_hook(record)
+    tr.train(steps=2)
+    assert norms == pytest.approx([1e-4, 1e-4], rel=1e-3)
+    norms.clear()
+    tr = _trainer(digits, None, grad_clip=None)
+    tr.optimizer.register_step_pre_hook(record)
+    tr.train(steps=2)
+    assert all(n > 1e-3 for n in norms)
+
+
+def test_label_dropout_uses_null_class(digits):
+    seen = []
+    tr = _trainer(digits, None, cond_drop_prob=0.5, batch_size=64)
+    tr.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["y"].clone()), with_kwargs=True)
+    tr.train(steps=2)
+    y = torch.cat(seen)
+    frac = float((y == 10).float().mean())
+    assert 0.3 < frac < 0.7 and int(y.max()) == 10
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_resume_is_bit_identical(digits, reference, tmp_path):
+    tr = _trainer(digits, tmp_path)
+    tr.train(steps=3)
+    assert read_checkpoint(tmp_path / "last.pt")["step"] == 3
+    tr2 = _trainer(digits, tmp_path, seed=2).resume()  # another init: all must come from the file
+    assert tr2.step == 3
+    tr2.train(steps=STEPS)
+    _assert_identical(_states(tr2), _states(reference))
+    assert tr2.history == reference.history
+
+
+def test_ctrl_c_saves_then_resume_is_bit_identical(digits, reference, tmp_path):
+    tr = _trainer(digits, tmp_path)
+    calls = []
+
+    def interrupt(module, args, output):
+        calls.append(1)
+        if len(calls) == 2:  # during step 2
+            os.kill(os.getpid(), signal.SIGINT)
+
+    tr.model.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(steps=STEPS)
+    assert read_checkpoint(tmp_path / "last.pt")["step"] == 2  # the step in flight was finished, then saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    tr2 = Trainer.from_checkpoint(tmp_path / "last.pt", digits, device="cpu")
+    assert tr2.cfg == TrainConfig(**{k: v for k, v in OPTS.items() if k != "device"})
+    tr2.train(steps=STEPS)
+    _assert_identical(_states(tr2), _states(reference))
+
+
+# ---------------------------------------------------------------------------------------------- files
+def test_outputs_written(digits, tmp_path):
+    tr = _trainer(digits, tmp_path, sample_every=2, sample_n=4, sample_steps=2, log_every=1)
+    tr.train(steps=2)
+    png = tmp_path / "samples" / "step_0000002.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    assert Image.open(png).size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid, padding 2
+    hist = json.loads((tmp_path / "loss_history.json").read_text())
+    assert [h[0] for h in hist] == [1, 2] and all(isinstance(h[1], float) for h in hist)
+    assert (tmp_path / "loss_history.csv").read_text().splitlines()[0] == "step,loss"
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["train"]["batch_size"] == 8 and cfg["model"]["config"]["num_classes"] == 10
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_atomic_save_keeps_old_file_on_failure(digits, tmp_path, monkeypatch):
+    tr = _trainer(digits, tmp_path)
+    tr.train(steps=1)
+    before = (tmp_path / "last.pt").read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        f.write(b"partial data")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        tr.save()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "last.pt", "loss_history.csv", "loss_history.json"]
+
+
+def test_corrupt_or_foreign_files_give_clear_errors(digits, tmp_path):
+    tr = _trainer(digits, tmp_path)
+    tr.train(steps=1)
+    good = (tmp_path / "last.pt").read_bytes()
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt.*not a readable checkpoint"):
+        load_checkpoint(bad)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"hello world")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(junk)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match="not a ddpm_lib checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+    assert issubclass(CheckpointError, ValueError)
+
+
+def test_config_mismatch_names_keys(digits, tmp_path):
+    tr = _trainer(digits, tmp_path, preset=None)
+    tr.preset = "tiny"
+    tr.train(steps=1)
+    path = tmp_path / "last.pt"
+    model, diffusion, cfg = load_checkpoint(path, expect={"preset": "tiny", "image_size": 16, "channels": 1})
+    assert cfg["step"] == 1 and diffusion.num_timesteps == 100 and not model.training
+    with pytest.raises(CheckpointError, match=r"preset: checkpoint has 'tiny', expected 'fashion-base'"):
+        load_checkpoint(path, expect={"preset": "fashion-base"})
+    other = UNet.from_preset("tiny", in_channels=1, image_size=16, ch=16, num_classes=10, dropout=0.1)
+    with pytest.raises(CheckpointError, match=r"model\.config\.ch: checkpoint has 32, expected 16") as e:
+        load_checkpoint(path, expect={"model_config": other.config, "T": 50})
+    assert "T: checkpoint has 100, expected 50" in str(e.value) and "in_channels" not in str(e.value)
+    with pytest.raises(ValueError, match="unknown key"):
+        load_checkpoint(path, expect={"colour": "red"})
+    # resuming into a different network is refused, naming the key
+    t3 = Trainer(other, _diffusion(), digits, out_dir=tmp_path, **OPTS)
+    with pytest.raises(CheckpointError, match="model.config.ch"):
+        t3.resume()
+
+
+def test_export_ema_only_fp16(digits, tmp_path):
+    tr = _trainer(digits, tmp_path)
+    tr.train(steps=2)
+    out = export_checkpoint(tmp_path / "last.pt", tmp_path / "small.pt")
+    assert out.stat().st_size < 0.3 * (tmp_path / "last.pt").stat().st_size
+    model, _, cfg = load_checkpoint(out)
+    assert cfg["kind"] == "ema" and cfg["step"] == 2
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v, tr.ema.state_dict()[k].half().float())
+    with pytest.raises(CheckpointError, match="cannot be resumed"):
+        _trainer(digits, tmp_path).resume(out)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(digits, tmp_path):
+    tr = _trainer(digits, tmp_path, save_every=2)
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        return output * float("nan") if len(calls) >= 5 else output
+
+    tr.model.register_forward_hook(poison)
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 5") as e:
+        tr.train(steps=STEPS)
+    assert e.value.step == 5
+    state = read_checkpoint(tmp_path / "last.pt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert str(tmp_path / "last.pt") in str(e.value)
+
+
+def test_infinite_lr_never_saves_bad_weights(digits, tmp_path):
+    tr = _trainer(digits, tmp_path, save_every=1, lr=float("inf"), warmup=0)
+    with pytest.raises(NonFiniteLossError, match="step 1"):
+        tr.train(steps=3)
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_minutes_budget_and_bf16_autocast_on_cpu(digits):
+    tr = _trainer(digits, None, bf16=True)
+    tr.train(minutes=0.02)
+    assert 1 <= tr.step and tr.stats["bf16"] and tr.stats["images_per_s"] > 0
+    with pytest.raises(ValueError, match="steps"):
+        tr.train()
+
+
+def test_compile_auto_falls_back(digits, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    tr = _trainer(digits, None, compile=True)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        tr.train(steps=1)
+    tr = _trainer(digits, None)
+    tr._compile_mode, tr._compile_pending = "auto", True  # "auto" on a CPU is off; force the attempt
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        tr.train(steps=2)
+    assert tr.step == 2 and not tr.stats["compiled"]
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        TrainConfig(cond_drop_prob=1.0)
+    with pytest.raises(ValueError, match="bf16"):
+        TrainConfig(bf16="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_bf16_channels_last(digits, tmp_path):
+    tr = _trainer(digits, tmp_path, device="cuda", log_every=2)
+    tr.train(steps=4)
+    assert tr.stats["bf16"] and tr.stats["channels_last"] and tr.stats["fused_adam"]
+    assert tr._images.device.type == "cuda"
+    model, _, _ = load_checkpoint(tmp_path / "last.pt", map_location="cuda")
+    assert next(model.parameters()).device.type == "cuda"
