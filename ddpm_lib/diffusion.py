@@ -156,6 +156,7 @@ class GaussianDiffusion:
         self.fixed_large_variance = f64(large)
         self.fixed_large_log_variance = f64(np.log(large))
         self._cache: Dict[tuple, torch.Tensor] = {}
+        self._last_checked: Optional[tuple] = None
 
     # ------------------------------------------------------------------ helpers
     def __repr__(self) -> str:
@@ -183,13 +184,17 @@ class GaussianDiffusion:
         if t.shape != (batch,):
             raise ValueError(f"t must have shape ({batch},) to match the batch, got {tuple(t.shape)}")
         # Reading values forces a host sync on a GPU: check only CPU tensors (an out-of-range index
-        # on a GPU still fails, inside the indexing kernel).
+        # on a GPU still fails, inside the indexing kernel). A sampler step calls this about ten
+        # times with the same t, so the last tensor checked (and not modified since) is remembered.
         if t.device.type == "cpu" and batch > 0:
+            if self._last_checked is not None and self._last_checked[0] is t and self._last_checked[1] == t._version:
+                return
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= self.num_timesteps:
                 raise ValueError(
                     f"t must lie in 0..{self.num_timesteps - 1} (0-based timesteps), got values in {lo}..{hi}"
                 )
+            self._last_checked = (t, t._version)
 
     def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``coef[t]`` reshaped to broadcast against ``x`` of shape ``(B, *)``, in x's dtype."""

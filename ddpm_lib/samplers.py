@@ -46,7 +46,8 @@ def _initial(shape, x_T, generator, device) -> torch.Tensor:
     if x_T is not None:
         if tuple(x_T.shape) != shape:
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
-        return x_T.to(device=device, dtype=torch.float32)
+        dtype = x_T.dtype if x_T.dtype in (torch.float32, torch.float64) else torch.float32
+        return x_T.to(device=device, dtype=dtype)
     return _randn(shape, generator, device)
 
 
@@ -93,7 +94,7 @@ def ddpm_sample(
     record: Dict[str, List] = {"t": [], "x_t": [], "pred_x0": []}
     for step in tqdm(range(T - 1, -1, -1), disable=not progress, desc="DDPM"):
         t = torch.full((x.shape[0],), step, dtype=torch.long, device=device)
-        noise = _randn(x.shape, generator, device) if step > 0 else torch.zeros_like(x)
+        noise = _randn(x.shape, generator, device, x.dtype) if step > 0 else torch.zeros_like(x)
         out = diffusion.p_sample(model, x, t, clip_denoised=clip_denoised, model_kwargs=kw, noise=noise)
         if return_intermediates and (step % every == 0 or step == T - 1):
             record["t"].append(step)
@@ -197,7 +198,7 @@ def ddim_sample(
     for t_i, t_prev in tqdm(list(zip(seq[::-1], prev[::-1])), disable=not progress, desc="DDIM"):
         t = torch.full((x.shape[0],), int(t_i), dtype=torch.long, device=device)
         out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=kw)
-        noise = _randn(x.shape, generator, device) if (eta > 0 and t_prev >= 0) else None
+        noise = _randn(x.shape, generator, device, x.dtype) if (eta > 0 and t_prev >= 0) else None
         if return_intermediates:
             record["t"].append(int(t_i))
             record["x_t"].append(x.cpu())

@@ -265,3 +265,12 @@ def test_bad_diffusion_input():
         d.q_posterior_mean_variance(x, torch.zeros(2, 2), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="model must return"):
         d.p_mean_variance(lambda a, b: torch.zeros(2, 2), x, torch.tensor([0, 1]))
+
+
+def test_timestep_check_is_not_fooled_by_in_place_changes():
+    d = GaussianDiffusion("cosine", num_timesteps=10)
+    x, t = torch.zeros(2, 3), torch.tensor([0, 1])
+    d.q_sample(x, t)  # checked once and remembered
+    t[1] = 10
+    with pytest.raises(ValueError, match="t must lie"):
+        d.q_sample(x, t)
