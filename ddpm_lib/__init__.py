@@ -28,6 +28,13 @@ from .schedules import make_beta_schedule
 from .toy import ToyMLP
 from .unet import UNet
 
+from .ema import EMA
+from .metrics import BPDResult, FDResult, FIDUnavailableError, bits_per_dim, fd_fashion, fid
+from .trainer import (CheckpointError, NonFiniteLossError, TrainConfig, Trainer, export_checkpoint,
+                      load_checkpoint, train)
+from .flow import RectifiedFlow
+from .sde import ConsistencyModel, VPSDE, dopri5, ode_log_likelihood, score_from_eps
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -65,3 +72,17 @@ __all__ = [
     "toy_data",
     "toy_mixture",
 ]
+__all__ += [
+    "BPDResult", "CheckpointError", "EMA", "FDResult", "FIDUnavailableError", "NonFiniteLossError",
+    "TrainConfig", "Trainer", "bits_per_dim", "export_checkpoint", "fd_fashion", "fid", "load_checkpoint", "train",
+]
+__all__ += ["ConsistencyModel", "RectifiedFlow", "VPSDE", "dopri5", "ode_log_likelihood", "score_from_eps"]
+from .autoencoder import Autoencoder, train_autoencoder  # noqa: E402  (section 11.5)
+from .dit import DiT  # noqa: E402  (section 11.9)
+from .respace import RespacedModel, respace, space_timesteps  # noqa: E402  (section 11.2)
+__all__ += ["Autoencoder", "DiT", "RespacedModel", "respace", "space_timesteps", "train_autoencoder"]
+from .pretrained import load_pretrained, pretrained_path  # noqa: E402  (the shipped checkpoint)
+__all__ += ["load_pretrained", "pretrained_path"]
+from . import web  # noqa: E402  (figures for the static web book)
+from .web import chain_scrubber, schedule_explorer  # noqa: E402
+__all__ += ["chain_scrubber", "schedule_explorer"]

@@ -499,7 +499,8 @@ class GaussianDiffusion:
 
         pred, var_out = self.split_model_output(model_output, x_t)
         target = self.target(x0, noise, t)
-        terms["mse"] = mean_flat((target.float() - pred.float()) ** 2)
+        dtype = torch.promote_types(pred.dtype, torch.float32)  # float32 under bf16, float64 kept
+        terms["mse"] = mean_flat((target.to(dtype) - pred.to(dtype)) ** 2)
         if self.loss_type is LossType.HYBRID:
             frozen = torch.cat([pred.detach(), var_out], dim=1)
             vb = self.vb_terms_bpd(model, x0, x_t, t, clip_denoised=False, model_output=frozen)["output"]

@@ -362,7 +362,9 @@ def fashion_classifier(device=None, *, cache: Optional[Union[str, os.PathLike]] 
     """The Fashion-MNIST classifier of :func:`fd_fashion`: ``(model in eval mode on device, info)``.
 
     Loaded from ``cache`` (a folder; default :func:`cache_dir`, i.e. ``$DDPM_CACHE_DIR`` or
-    ``~/.cache/ddpm_lib``, file ``fd_classifier_fashion.pt``), else trained once on the CPU (seeded,
+    ``~/.cache/ddpm_lib``, file ``fd_classifier_fashion.pt``), else (default settings only) from the
+    copy shipped in ``ddpm_lib/pretrained/`` (trained by this function with ``epochs=2, seed=0``),
+    else trained once on the CPU (seeded,
     ``epochs`` passes, ~40 s on one core; needs the Fashion-MNIST training and test splits through
     :func:`~ddpm_lib.load_dataset`, downloading them where possible) and written there atomically
     under a file lock (parallel processes train it once). ``info["test_accuracy"]`` is its accuracy
@@ -375,6 +377,13 @@ def fashion_classifier(device=None, *, cache: Optional[Union[str, os.PathLike]] 
         net, info = _CLASSIFIERS[key]
         return net.to(device or "cpu"), dict(info)
     state = None if retrain else _read_classifier(path, epochs, seed)
+    if state is None and not retrain and cache is None:
+        # the package ships the default classifier (epochs=2, seed=0), so FDs agree across machines
+        shipped = Path(__file__).resolve().parent / "pretrained" / _CLF_FILE
+        if shipped.is_file():
+            state = _read_classifier(shipped, epochs, seed)
+            if state is not None:
+                path = shipped
     if state is None:
         from .trainer import save_checkpoint
 

@@ -77,7 +77,8 @@ def ddpm_sample(
         shape: ``(B, C, H, W)`` or ``(B, D)``.
         x_T: the starting noise, shape ``shape`` (drawn from ``generator`` when None).
         generator: a ``torch.Generator`` for reproducible noise (on any device).
-        clip_denoised: clip each x_0 prediction to [-1, 1] before forming the mean.
+        clip_denoised: clip each x_0 prediction to [-1, 1] before forming the mean (right for images
+            in [-1, 1]; pass False for data that extend beyond, such as the 2-D toy sets).
         y, guidance_scale, model_kwargs: passed through to the model.
         return_intermediates: also return the chain: x_t and the x_0 prediction every
             ``record_every`` steps (default T // 20) and at the first and last step.

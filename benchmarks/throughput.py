@@ -1,0 +1,895 @@
+#!/usr/bin/env python
+"""Training and sampling throughput of ddpm_lib's U-Net against diffusers' UNet2DModel, side by side.
+
+Both networks are the paper's CIFAR-10 model (35,746,307 parameters) with the same weights
+(``UNet.from_diffusers``), timed in one process on one device:
+
+* training: one update of Algorithm 1 at batch 128 of 32x32x3 (draw a batch from a data set held on the
+  device, sample t and noise, q_sample, forward, MSE loss, backward, clip the gradient norm to 1.0 with
+  foreach, Adam 2e-4 (fused on CUDA), EMA 0.9999 with foreach) -- the same step code for both networks
+  (:func:`ddpm_lib.accel.make_train_step`);
+* inference: the network's forward at batch 1024 without gradients (what each sampling step costs).
+
+Modes: ``fp32`` (eager; TF32 flags at PyTorch's defaults, printed), ``bf16_cl`` (bf16 autocast and
+channels_last, eager), ``bf16_cl_compile`` (the same under ``torch.compile``, default mode) for both
+networks; ``fast`` for ddpm_lib (compiled, plus the whole training step / the forward replayed from one
+CUDA graph); and, for information only (not part of the diffusers baseline the issue defines),
+``bf16_cl_compile_graph`` for diffusers (the same CUDA graph on its compiled step).
+
+Times are CUDA-event medians over several repetitions after warm-up (compilation happens in the warm-up and
+is reported separately). The most important numbers are measured first; the JSON is rewritten after every
+mode, and the run stops starting new modes when ``--budget-s`` is nearly spent.
+
+    python benchmarks/throughput.py --device cuda                 # the full comparison (~330 s)
+    python benchmarks/throughput.py --device cpu --size tiny      # CI: a tiny network on the CPU (~30 s)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+# Compile workers: one per core (read when inductor's config is imported).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, os.cpu_count() or 1)))
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+try:
+    import ddpm_lib  # noqa: F401
+except ImportError:  # run from a checkout without installing the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ddpm_lib import GaussianDiffusion, UNet  # noqa: E402
+from ddpm_lib import accel  # noqa: E402
+from ddpm_lib.ema import EMA  # noqa: E402
+
+# google/ddpm-cifar10-32's config.json, with the paper's training dropout (the published config says 0.0)
+CIFAR10_DIFFUSERS_CONFIG = dict(
+    act_fn="silu", attention_head_dim=None, block_out_channels=[128, 256, 256, 256], center_input_sample=False,
+    down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"], downsample_padding=0,
+    flip_sin_to_cos=False, freq_shift=1, in_channels=3, layers_per_block=2, mid_block_scale_factor=1,
+    norm_eps=1e-06, norm_num_groups=32, out_channels=3, sample_size=32, time_embedding_type="positional",
+    up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], dropout=0.1,
+)
+# The same layout, tiny (16x16, 2 levels, attention at 8x8, base width 16): for the CPU in CI
+TINY_DIFFUSERS_CONFIG = dict(
+    CIFAR10_DIFFUSERS_CONFIG, block_out_channels=[16, 32], down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+    up_block_types=["AttnUpBlock2D", "UpBlock2D"], layers_per_block=1, norm_num_groups=8, sample_size=16,
+)
+SIZES = {
+    "full": dict(preset="cifar10", diffusers=CIFAR10_DIFFUSERS_CONFIG, train_batch=128, infer_batch=1024,
+                 image=32, data_n=8192, min_rep_s=0.3, reps=5, peak_n=8192, warmup=3),
+    "tiny": dict(preset="tiny", diffusers=TINY_DIFFUSERS_CONFIG, train_batch=4, infer_batch=8,
+                 image=16, data_n=32, min_rep_s=0.0, reps=3, peak_n=256, warmup=1, overrides=dict(ch=16)),
+}
+ALL_MODES = ["ours:fast", "ours:bf16_cl_compile", "diffusers:bf16_cl_compile", "diffusers:bf16_cl_compile_graph",
+             "ours:bf16_cl", "diffusers:bf16_cl", "ours:fp32", "diffusers:fp32"]
+BASELINE_MODES = ("fp32", "bf16_cl", "bf16_cl_compile")  # diffusers' best is taken over these (the issue)
+NUM_SAMPLES, DDPM_STEPS, DDIM_STEPS = 50_000, 1000, 50
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+# ---------------------------------------------------------------------------------------------- networks
+class DiffusersEps(nn.Module):
+    """diffusers' UNet2DModel called like ddpm_lib's networks: ``net(x, t) -> eps``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, return_dict=False)[0]
+
+
+def build_networks(size: str):
+    """(ours, diffusers-or-None, note): CPU float32 networks with the same weights (none of them zero)."""
+    cfg = SIZES[size]
+    try:
+        import diffusers
+        from diffusers import UNet2DModel
+    except Exception as exc:  # noqa: BLE001 - a benchmark-only dependency
+        torch.manual_seed(0)
+        ours = UNet.from_preset(cfg["preset"], dropout=0.1, **cfg.get("overrides", {}))
+        with torch.no_grad():  # the paper zero-initialises some layers: never time on zeros
+            for p in ours.parameters():
+                if p.ndim > 1 and not p.any():
+                    nn.init.xavier_uniform_(p)
+        return ours, None, f"diffusers unavailable ({type(exc).__name__}: {exc})"
+    torch.manual_seed(0)
+    diff = UNet2DModel(**cfg["diffusers"])  # PyTorch's default initialisation: no zero weights
+    ours = UNet.from_diffusers(diff, dropout=cfg["diffusers"]["dropout"])
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_diff = sum(p.numel() for p in diff.parameters())
+    if n_ours != n_diff:
+        raise RuntimeError(f"parameter counts differ: ddpm_lib {n_ours:,}, diffusers {n_diff:,}")
+    if size == "full":
+        ref = sum(p.numel() for p in UNet.from_preset("cifar10").parameters())
+        if n_ours != ref:
+            raise RuntimeError(f"the mapped network has {n_ours:,} parameters, the cifar10 preset {ref:,}")
+    return ours.train(), DiffusersEps(diff).train(), f"diffusers {diffusers.__version__}"
+
+
+def count_forward_flops(model: nn.Module, image: int) -> float:
+    """Forward FLOPs per image (2 per multiply-add; convolutions, matrix products and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = copy.deepcopy(model).float().eval()
+    x = torch.randn(1, 3, image, image)
+    t = torch.tensor([10])
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        ctx = sdpa_kernel([SDPBackend.MATH])  # attention as plain matrix products, which the counter sees
+    except Exception:  # noqa: BLE001
+        import contextlib
+
+        ctx = contextlib.nullcontext()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), ctx, counter:
+        m(x, t)
+    return float(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------------- timing
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def wall(self, fn: Callable[[], Any]) -> float:
+        self.sync()
+        t = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - t
+
+    def per_call(self, fn: Callable[[int], Any], n: int, offset: int = 0) -> float:
+        """Seconds per call of ``fn(i)`` over ``n`` calls (CUDA events on a GPU)."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(n):
+                fn(offset + i)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / n
+        t = time.perf_counter()
+        for i in range(n):
+            fn(offset + i)
+        return (time.perf_counter() - t) / n
+
+    def measure(self, fn: Callable[[int], Any], *, warmup: int, reps: int, min_rep_s: float,
+                time_left: Callable[[], float]) -> Dict[str, Any]:
+        for i in range(warmup):
+            fn(i)
+        self.sync()
+        est = self.per_call(fn, 2, offset=warmup)
+        n = max(1, int(math.ceil(min_rep_s / max(est, 1e-6))))
+        # a short budget takes fewer repetitions (at least 3 when possible)
+        reps_here = reps if time_left() > reps * n * est * 1.5 + 15 else max(1, min(reps, 3))
+        times = [self.per_call(fn, n, offset=warmup + 2 + r * n) for r in range(reps_here)]
+        med = statistics.median(times)
+        spread = (max(times) - min(times)) / med if med > 0 else 0.0
+        return dict(s_per_call=med, calls_per_rep=n, reps=reps_here, spread=spread,
+                    all_s_per_call=[round(x, 7) for x in times])
+
+
+# ---------------------------------------------------------------------------------------------- the run
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.size = SIZES[args.size]
+        self.device = torch.device(args.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.cuda = self.device.type == "cuda"
+        self.timer = Timer(self.device)
+        self.deadline = T0 + args.budget_s
+        self.lock = threading.Lock()
+        self.results: Dict[str, Any] = {}
+        self.rows: Dict[str, Dict[str, Any]] = {}  # "network:mode" -> measurements
+        self.compile_s: Dict[str, float] = {}
+        self.diffusion = GaussianDiffusion("linear", num_timesteps=1000)
+
+    def time_left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    # ------------------------------------------------------------------ output
+    def row(self, key: str) -> Dict[str, Any]:
+        net, mode = key.split(":", 1)
+        info = net == "diffusers" and mode not in BASELINE_MODES
+        return self.rows.setdefault(key, dict(network=net, mode=mode, counts_for_diffusers_baseline=not info)
+                                    if net == "diffusers" else dict(network=net, mode=mode))
+
+    def summary(self) -> Dict[str, Any]:
+        def best(net: str, what: str, modes=None):
+            vals = [(r[what], r["mode"]) for k, r in self.rows.items()
+                    if r["network"] == net and r.get(what) and (modes is None or r["mode"] in modes)]
+            return max(vals) if vals else (None, None)
+
+        ot, otm = best("ours", "train_images_per_s")
+        oi, oim = best("ours", "infer_images_per_s")
+        dt, dtm = best("diffusers", "train_images_per_s", BASELINE_MODES)
+        di, dim = best("diffusers", "infer_images_per_s", BASELINE_MODES)
+
+        def ratio(a, b):
+            return round(a / b, 3) if a and b else None
+
+        def missing(what):
+            if not any(r["network"] == "diffusers" for r in self.rows.values()):
+                return list(BASELINE_MODES)
+            return [m for m in BASELINE_MODES if not self.rows.get(f"diffusers:{m}", {}).get(what)]
+
+        def proj(rate, steps):
+            return round(NUM_SAMPLES * steps / rate, 1) if rate else None
+
+        return dict(
+            targets=dict(train_ratio=2.0, infer_ratio=1.5),
+            diffusers_baseline_missing_train=missing("train_images_per_s"),
+            diffusers_baseline_missing_infer=missing("infer_images_per_s"),
+            train_target_met=(ot / dt >= 2.0) if ot and dt else None,
+            infer_target_met=(oi / di >= 1.5) if oi and di else None,
+            train_images_per_s=ot, train_best_mode=otm, infer_images_per_s=oi, infer_best_mode=oim,
+            diffusers_best_train_images_per_s=dt, diffusers_best_train_mode=dtm,
+            diffusers_best_infer_images_per_s=di, diffusers_best_infer_mode=dim,
+            train_ratio_vs_diffusers=ratio(ot, dt), infer_ratio_vs_diffusers=ratio(oi, di),
+            projected_50k_samples_ddpm1000_s=proj(oi, DDPM_STEPS), projected_50k_samples_ddim50_s=proj(oi, DDIM_STEPS),
+            diffusers_projected_50k_samples_ddpm1000_s=proj(di, DDPM_STEPS),
+            diffusers_projected_50k_samples_ddim50_s=proj(di, DDIM_STEPS),
+        )
+
+    def write_json(self, final: bool = False) -> Optional[Path]:
+        with self.lock:
+            out = dict(self.results)
+            out.update(self.summary())
+            out["modes"] = [dict(v) for v in self.rows.values()]
+            out["elapsed_s"] = round(time.perf_counter() - T0, 1)
+            out["complete"] = bool(final)
+            path = self.json_path()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".json.tmp")
+                tmp.write_text(json.dumps(out, indent=1, default=str) + "\n")
+                os.replace(tmp, path)
+            except OSError as exc:
+                log(f"could not write {path}: {exc}")
+                return None
+            return path
+
+    def json_path(self) -> Path:
+        if self.args.json_path:
+            return Path(self.args.json_path)
+        card = self.results.get("card", "unknown")
+        name = card if self.args.size == "full" else f"{card}-{self.args.size}"
+        return Path(self.args.out) / f"{name}.json"
+
+    def table(self) -> str:
+        s = self.summary()
+        fl = self.results.get("forward_gflop_per_image")
+        peak = self.results.get("matmul_peak_tflops")
+        lines = []
+
+        def f(v, fmt="{:,.0f}"):
+            return fmt.format(v) if v else "-"
+
+        def tf(rate, mult):
+            if not (rate and fl):
+                return "-"
+            v = rate * mult * fl / 1e3
+            return f"{v:.3g} ({100 * v / peak:.0f}%)" if peak else f"{v:.3g}"
+
+        def x(a, b):
+            return f"{a / b:.2f}" if a and b else "-"
+
+        hdr = (f"{'network':<10} {'mode':<22} {'train img/s':>11} {'TFLOP/s':>11} {'x diff':>6} "
+               f"{'infer img/s':>11} {'TFLOP/s':>11} {'x diff':>6} {'compile s tr/inf':>16}")
+        lines.append(hdr)
+        lines.append("-" * len(hdr))
+        for k in sorted(self.rows, key=lambda k: (self.rows[k]["network"] != "ours", k)):
+            r = self.rows[k]
+            tr, inf = r.get("train_images_per_s"), r.get("infer_images_per_s")
+            mode = r["mode"] + ("*" if r["network"] == "diffusers" and r["mode"] not in BASELINE_MODES else "")
+            comp = f"{r.get('train_compile_s', '-')}/{r.get('infer_compile_s', '-')}"
+            lines.append(f"{r['network']:<10} {mode:<22} {f(tr):>11} {tf(tr, 3):>11} "
+                         f"{x(tr, s['diffusers_best_train_images_per_s']):>6} {f(inf):>11} {tf(inf, 1):>11} "
+                         f"{x(inf, s['diffusers_best_infer_images_per_s']):>6} {comp:>16}")
+            for what in ("train_error", "infer_error"):
+                if r.get(what):
+                    lines.append(f"{'':<10} {what}: {r[what][:150]}")
+        lines.append("* information only: not among the modes the diffusers baseline is taken over; "
+                     "x diff = ratio to diffusers' best of fp32, bf16_cl, bf16_cl_compile")
+        if fl:
+            lines.append(f"FLOPs: forward {fl:.2f} GFLOP/image (2 per multiply-add: convolutions, matrix products, "
+                         f"attention), training = 3x forward; matmul peak {peak} TFLOP/s "
+                         f"({self.results.get('matmul_peak_note', '')})")
+        lines.append(f"ddpm_lib best: train {f(s['train_images_per_s'])} img/s ({s['train_best_mode']}), "
+                     f"infer {f(s['infer_images_per_s'])} img/s ({s['infer_best_mode']})")
+        lines.append(f"diffusers best: train {f(s['diffusers_best_train_images_per_s'])} img/s "
+                     f"({s['diffusers_best_train_mode']}), infer {f(s['diffusers_best_infer_images_per_s'])} img/s "
+                     f"({s['diffusers_best_infer_mode']})")
+        lines.append(f"ratio vs diffusers: train {s['train_ratio_vs_diffusers']}x (target 2.0), "
+                     f"infer {s['infer_ratio_vs_diffusers']}x (target 1.5)")
+        for what in ("train", "infer"):
+            if s[f"diffusers_baseline_missing_{what}"]:
+                lines.append(f"WARNING: diffusers' {what} baseline lacks {s[f'diffusers_baseline_missing_{what}']}: "
+                             f"the {what} ratio is not yet the one the issue asks for")
+        if s["projected_50k_samples_ddpm1000_s"]:
+            def hm(sec):
+                return f"{sec / 60:.1f} min" if sec < 3600 else f"{sec / 3600:.2f} h"
+            lines.append(f"projected {NUM_SAMPLES:,} samples (network forwards at batch "
+                         f"{self.size['infer_batch']}, from the best inference rate): "
+                         f"DDPM-{DDPM_STEPS} {hm(s['projected_50k_samples_ddpm1000_s'])}, "
+                         f"DDIM-{DDIM_STEPS} {hm(s['projected_50k_samples_ddim50_s'])}"
+                         + (f"; diffusers: {hm(s['diffusers_projected_50k_samples_ddpm1000_s'])}, "
+                            f"{hm(s['diffusers_projected_50k_samples_ddim50_s'])}"
+                            if s["diffusers_projected_50k_samples_ddpm1000_s"] else ""))
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ set-up
+    def device_info(self) -> None:
+        r = self.results
+        r["size"] = self.args.size
+        r["torch"] = torch.__version__
+        r["python"] = platform.python_version()
+        r["cpu_count"] = os.cpu_count()
+        r["compile_threads"] = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
+        try:
+            import triton
+
+            r["triton"] = triton.__version__
+        except Exception:  # noqa: BLE001
+            r["triton"] = None
+        if self.cuda:
+            props = torch.cuda.get_device_properties(self.device)
+            r["device_name"] = props.name
+            r["card"] = _slug(props.name)
+            r["capability"] = f"{props.major}.{props.minor}"
+            r["multiprocessors"] = props.multi_processor_count
+            r["memory_gib"] = round(props.total_memory / 2**30, 1)
+            r["cuda"] = torch.version.cuda
+            r["cudnn"] = torch.backends.cudnn.version()
+            try:
+                import subprocess
+
+                q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                                    "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+                r["nvidia_smi"] = q.stdout.strip() or None
+            except Exception:  # noqa: BLE001
+                r["nvidia_smi"] = None
+        else:
+            r["device_name"] = platform.processor() or "cpu"
+            r["card"] = "cpu"
+        # What "fp32" means here: PyTorch's defaults, set explicitly.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        r["settings"] = dict(
+            fp32_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+            fp32_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            cudnn_benchmark=True,
+            train_batch=self.size["train_batch"], infer_batch=self.size["infer_batch"], image=self.size["image"],
+            data_on_device=self.size["data_n"], optimizer="Adam lr 2e-4 betas (0.9, 0.999) eps 1e-8, fused on CUDA",
+            grad_clip=1.0, ema_decay=0.9999, dropout=0.1, loss="L_simple (eps MSE), T=1000 linear schedule",
+            compile_backend=self.compile_backend(),
+            timing=f"median of {self.size['reps']} repetitions of >= {self.size['min_rep_s']} s after "
+                   f"{self.size['warmup']} warm-up calls (CUDA events on a GPU)",
+        )
+        r["command"] = " ".join(["python", "benchmarks/throughput.py"] + list(self.args.argv))
+        log(f"device {r['device_name']} | torch {r['torch']} | CUDA {r.get('cuda')} | cuDNN {r.get('cudnn')} | "
+            f"triton {r['triton']} | compile threads {r['compile_threads']}")
+        log("fp32 modes: matmul allow_tf32=False, cudnn allow_tf32=True (PyTorch defaults); cudnn.benchmark=True")
+
+    def compile_backend(self) -> str:
+        if self.args.compile_backend:
+            return self.args.compile_backend
+        return "inductor" if self.cuda else "eager"
+
+    def warm_compile_pool(self) -> None:
+        if not self.cuda or self.compile_backend() != "inductor":
+            return
+        try:
+            from torch._inductor.async_compile import AsyncCompile
+
+            AsyncCompile.warm_pool()
+        except Exception as exc:  # noqa: BLE001
+            log(f"(compile pool warm-up skipped: {type(exc).__name__})")
+
+    def matmul_peak(self) -> None:
+        n = self.size["peak_n"]
+        dtype = torch.bfloat16 if self.cuda else torch.float32
+        a = torch.randn(n, n, device=self.device, dtype=dtype)
+        b = torch.randn(n, n, device=self.device, dtype=dtype)
+        m = self.timer.measure(lambda i: a @ b, warmup=3, reps=5, min_rep_s=0.1 if self.cuda else 0.05,
+                               time_left=self.time_left)
+        tflops = 2 * n**3 / m["s_per_call"] / 1e12
+        self.results["matmul_peak_tflops"] = round(tflops, 1) if tflops > 10 else round(tflops, 4)
+        self.results["matmul_peak_note"] = f"{'bf16' if self.cuda else 'fp32'} {n}^3 on random data"
+        log(f"matmul peak: {tflops:.3g} TFLOP/s ({self.results['matmul_peak_note']})")
+        del a, b
+
+    # ------------------------------------------------------------------ data
+    def make_data(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        n, s = self.size["data_n"], self.size["image"]
+        low = torch.rand(n, 3, max(2, s // 8), max(2, s // 8), generator=g) * 2 - 1  # smooth images in [-1, 1]
+        data = torch.nn.functional.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)
+        data = (data + 0.05 * torch.randn(data.shape, generator=g)).clamp(-1, 1)
+        self.data = data.to(self.device)
+        B = self.size["infer_batch"]
+        self.infer_inputs = [(torch.randn(B, 3, s, s, generator=g).to(self.device),
+                              torch.randint(0, 1000, (B,), generator=g).to(self.device)) for _ in range(3)]
+
+    # ------------------------------------------------------------------ one mode
+    def settings_for(self, mode: str) -> Dict[str, Any]:
+        comp = mode.startswith("bf16_cl_compile") or mode == "fast"
+        return dict(bf16=mode != "fp32", channels_last=mode != "fp32", compile=comp)
+
+    def release(self, reset_dynamo: bool) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        if reset_dynamo:
+            try:
+                torch._dynamo.reset()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def prepare(self, master: nn.Module, mode: str, train: bool) -> accel.FastModel:
+        st = self.settings_for(mode)
+        model = copy.deepcopy(master)
+        model.train(train)
+        return accel.prepare_model(model, self.device, bf16=st["bf16"], channels_last=st["channels_last"],
+                                   compile=st["compile"], compile_backend=self.compile_backend())
+
+    def train_group(self, net: str, master: nn.Module, mode: str, graph_key: Optional[str]) -> None:
+        """Time the training step of ``net`` in ``mode``; with ``graph_key``, also the same step in a CUDA graph."""
+        key = f"{net}:{mode}"
+        row = self.row(key)
+        B = self.size["train_batch"]
+        fast = self.prepare(master, mode, train=True)
+        compiled = fast.compiled
+        opt = accel.make_optimizer(fast.module.parameters(), capturable=self.cuda and compiled)
+        ema = EMA(fast.module, 0.9999)
+        data_gen = torch.Generator(device=self.device).manual_seed(1)
+        N = self.data.shape[0]
+
+        def batch():
+            return self.data[torch.randint(0, N, (B,), device=self.device, generator=data_gen)]
+
+        gen_c = torch.Generator(device=self.device).manual_seed(123)
+        step = accel.make_train_step(fast, self.diffusion, opt, ema, cuda_graph=False, generator=gen_c)
+        first = self.timer.wall(lambda: step(batch()))
+        if compiled:
+            row["train_compile_s"] = round(first, 1)
+            self.compile_s[f"{net}:train"] = first
+            log(f"{key} train: first step (compile) {first:.1f} s; compiled={fast.compiled}"
+                + (f" ({fast.compile_error})" if fast.compile_error else ""))
+        m = self.timer.measure(lambda i: step(batch()), warmup=self.size["warmup"], reps=self.size["reps"],
+                               min_rep_s=self.size["min_rep_s"], time_left=self.time_left)
+        self.record_train(row, m, fast)
+        if graph_key:
+            grow = self.row(graph_key)
+            try:
+                if not self.cuda:
+                    raise RuntimeError("CUDA graphs need a CUDA device (the CPU run times the compiled step)")
+                if net != "ours" and self.time_left() < 120:
+                    raise RuntimeError(f"skipped (information only): {self.time_left():.0f} s left")
+                # t and the noise from a generator of our own (as the trainer's), so that the loss-curve check
+                # at the end can replay this very graph from a known seed; without it if that fails
+                gen = torch.Generator(device=self.device).manual_seed(123)
+                gstep = accel.make_train_step(fast, self.diffusion, opt, ema, cuda_graph=True, generator=gen,
+                                              warmup_calls=1)
+                t_cap = self.timer.wall(lambda: [gstep(batch()) for _ in range(2)])
+                if not gstep.graphed:
+                    log(f"{graph_key}: capture with a registered generator failed ({gstep.graph_error}); "
+                        "capturing with the default generator")
+                    gen = None
+                    gstep = accel.make_train_step(fast, self.diffusion, opt, ema, cuda_graph=True, warmup_calls=1)
+                    t_cap = self.timer.wall(lambda: [gstep(batch()) for _ in range(2)])
+                if not gstep.graphed:
+                    raise RuntimeError(f"capture failed: {gstep.graph_error}")
+                grow["train_compile_s"] = row.get("train_compile_s")
+                grow["train_capture_s"] = round(t_cap, 2)
+                mg = self.timer.measure(lambda i: gstep(batch()), warmup=2, reps=self.size["reps"],
+                                        min_rep_s=self.size["min_rep_s"], time_left=self.time_left)
+                self.record_train(grow, mg, fast, note="whole step (forward, backward, clip, Adam, EMA) "
+                                                       "replayed from one CUDA graph")
+                if net == "ours" and gen is not None:
+                    self.maybe_loss_check(master, fast, opt, ema, gstep, gen)
+                del gstep
+            except Exception as exc:  # noqa: BLE001
+                if not self.cuda and net == "ours":
+                    # the CPU run: the fast path is the compiled step without a graph
+                    grow.update({k: v for k, v in row.items() if k.startswith("train")})
+                    grow["train_note"] = "CPU: compiled step without CUDA graph"
+                    self.maybe_loss_check(master, fast, opt, ema, step, gen_c)
+                else:
+                    grow["train_error"] = f"{type(exc).__name__}: {exc}"
+                    log(f"{graph_key} train FAILED: {grow['train_error'][:300]}")
+        del step, fast, opt, ema
+        self.release(reset_dynamo=False)
+
+    def record_train(self, row, m, fast, note: Optional[str] = None) -> None:
+        B = self.size["train_batch"]
+        rate = B / m["s_per_call"]
+        row.update(train_images_per_s=round(rate, 1), train_ms_per_step=round(m["s_per_call"] * 1e3, 3),
+                   train_spread=round(m["spread"], 4), train_calls_per_rep=m["calls_per_rep"], train_reps=m["reps"],
+                   train_compiled=fast.compiled, bf16=fast.bf16, channels_last=fast.channels_last)
+        if fast.compile_error:
+            row["compile_error"] = fast.compile_error
+        if note:
+            row["train_note"] = note
+        fl = self.results.get("forward_gflop_per_image")
+        tf = f", {rate * 3 * fl / 1e3:.3g} TFLOP/s" if fl else ""
+        log(f"{row['network']}:{row['mode']} train: {rate:,.0f} img/s ({m['s_per_call'] * 1e3:.2f} ms/step, "
+            f"spread {m['spread'] * 100:.1f}%{tf})")
+        self.write_json()
+
+    def infer_group(self, net: str, master: nn.Module, mode: str, graph_key: Optional[str],
+                    check: Optional[Dict[str, nn.Module]] = None) -> None:
+        key = f"{net}:{mode}"
+        row = self.row(key)
+        fast = self.prepare(master, mode, train=False)
+        compiled = fast.compiled
+        fwd = accel.make_sampler_forward(fast, cuda_graph=False)
+        xs = self.infer_inputs
+
+        first = self.timer.wall(lambda: fwd(*xs[0]))
+        if compiled:
+            row["infer_compile_s"] = round(first, 1)
+            self.compile_s[f"{net}:infer"] = first
+            log(f"{key} infer: first call (compile) {first:.1f} s; compiled={fast.compiled}")
+        m = self.timer.measure(lambda i: fwd(*xs[i % 3]), warmup=self.size["warmup"], reps=self.size["reps"],
+                               min_rep_s=self.size["min_rep_s"], time_left=self.time_left)
+        self.record_infer(row, m, fast)
+        best_fwd = fwd
+        if graph_key:
+            grow = self.row(graph_key)
+            if self.cuda:
+                try:
+                    gfwd = accel.make_sampler_forward(fast, cuda_graph=True, warmup_calls=1)
+                    t_cap = self.timer.wall(lambda: [gfwd(*xs[0]) for _ in range(2)])
+                    if gfwd.graph_error or not gfwd._graphs:
+                        raise RuntimeError(f"capture failed: {gfwd.graph_error}")
+                    grow["infer_compile_s"] = row.get("infer_compile_s")
+                    grow["infer_capture_s"] = round(t_cap, 2)
+                    mg = self.timer.measure(lambda i: gfwd(*xs[i % 3]), warmup=2, reps=self.size["reps"],
+                                            min_rep_s=self.size["min_rep_s"], time_left=self.time_left)
+                    self.record_infer(grow, mg, fast, note="forward replayed from a CUDA graph")
+                    best_fwd = gfwd
+                except Exception as exc:  # noqa: BLE001
+                    grow["infer_error"] = f"{type(exc).__name__}: {exc}"
+                    log(f"{graph_key} infer FAILED: {grow['infer_error'][:300]}")
+            else:
+                grow.update({k: v for k, v in row.items() if k.startswith("infer")})
+                grow["infer_note"] = "CPU: compiled forward without CUDA graph"
+        if check is not None:
+            self.same_function_check(best_fwd, check)
+        del fwd, best_fwd, fast
+        self.release(reset_dynamo=False)
+
+    def record_infer(self, row, m, fast, note: Optional[str] = None) -> None:
+        B = self.size["infer_batch"]
+        rate = B / m["s_per_call"]
+        row.update(infer_images_per_s=round(rate, 1), infer_ms_per_batch=round(m["s_per_call"] * 1e3, 3),
+                   infer_spread=round(m["spread"], 4), infer_calls_per_rep=m["calls_per_rep"], infer_reps=m["reps"],
+                   infer_compiled=fast.compiled, bf16=fast.bf16, channels_last=fast.channels_last)
+        if note:
+            row["infer_note"] = note
+        fl = self.results.get("forward_gflop_per_image")
+        tf = f", {rate * fl / 1e3:.3g} TFLOP/s" if fl else ""
+        log(f"{row['network']}:{row['mode']} infer: {rate:,.0f} img/s ({m['s_per_call'] * 1e3:.2f} ms/batch, "
+            f"spread {m['spread'] * 100:.1f}%{tf})")
+        self.write_json()
+
+    # ------------------------------------------------------------------ checks
+    @torch.no_grad()
+    def same_function_check(self, fast_fwd, nets: Dict[str, nn.Module]) -> None:
+        """The fast path against float32 eager (TF32 off) on the same weights and inputs; ours against diffusers."""
+        x, t = self.infer_inputs[0]
+        x, t = x[: min(256, x.shape[0])], t[: min(256, x.shape[0])]
+        res: Dict[str, Any] = {}
+        old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            refs = {}
+            for name, master in nets.items():
+                m = copy.deepcopy(master).to(self.device).float().eval()
+                refs[name] = m(x, t).float()
+                del m
+            full = self.infer_inputs[0]
+            out_fast = fast_fwd(*full)[: x.shape[0]].float()
+
+            def rel(a, b):
+                return float((a - b).norm() / b.norm())
+
+            res["fast_vs_fp32_rel_err"] = rel(out_fast, refs["ours"])
+            res["fast_output_finite"] = bool(torch.isfinite(out_fast).all())
+            if "diffusers" in refs:
+                res["ours_fp32_vs_diffusers_fp32_rel_err"] = rel(refs["ours"], refs["diffusers"])
+            res["tolerance"] = "bf16: rel err < 2e-2; same function (fp32): < 1e-4"
+            res["ok"] = (res["fast_output_finite"] and res["fast_vs_fp32_rel_err"] < 2e-2
+                         and res.get("ours_fp32_vs_diffusers_fp32_rel_err", 0.0) < 1e-4)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        self.results["correctness"] = res
+        log("correctness: fast path vs fp32 eager rel err {:.2e}; ours vs diffusers (fp32) {}; ok={}".format(
+            res["fast_vs_fp32_rel_err"],
+            f"{res['ours_fp32_vs_diffusers_fp32_rel_err']:.2e}" if "ours_fp32_vs_diffusers_fp32_rel_err" in res
+            else "n/a", res["ok"]))
+        self.write_json()
+
+    def maybe_loss_check(self, master, fast, opt, ema, step, gen) -> None:
+        if self.args.loss_check_steps <= 0:
+            return
+        if self.time_left() < 15:
+            self.results["loss_curve_check"] = dict(error=f"skipped: {self.time_left():.0f} s left")
+            return
+        log(f"loss-curve check: {self.args.loss_check_steps} steps of ours' fast step against float32 eager")
+        try:
+            self.loss_curve_check(master, fast, opt, ema, step, gen)
+        except Exception as exc:  # noqa: BLE001 - a check, not a measurement
+            self.results["loss_curve_check"] = dict(error=f"{type(exc).__name__}: {exc}")
+            log(f"loss-curve check FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+
+    def loss_curve_check(self, master: nn.Module, fast, opt, ema, step, gen) -> None:
+        """A short run of the fast step (the captured CUDA graph, replayed) against the plain float32 eager
+        step from the same start.
+
+        Both draw the data, t and the noise from generators seeded alike, so only the dropout masks (drawn by
+        different kernels) and the arithmetic (bf16 against fp32) differ. The graph's tensors are reset in
+        place (weights, Adam moments and step, EMA), so the same graph replays."""
+        steps = self.args.loss_check_steps
+        B = self.size["train_batch"]
+        N = self.data.shape[0]
+        init = {k: v.detach().clone() for k, v in master.state_dict().items()}
+
+        def run(stepper, seed):
+            data_gen = torch.Generator(device=self.device).manual_seed(seed)
+            losses = []
+            for _ in range(steps):
+                x = self.data[torch.randint(0, N, (B,), device=self.device, generator=data_gen)]
+                loss, _ = stepper(x)
+                losses.append(loss.detach().clone())
+            return [float(v) for v in torch.stack(losses).cpu()]
+
+        # reset the graphed run in place (the graph keeps its tensors): weights, Adam moments, EMA
+        with torch.no_grad():
+            fast.module.load_state_dict(init)
+            for st in opt.state.values():
+                for name in ("exp_avg", "exp_avg_sq", "step"):
+                    if name in st:
+                        st[name].zero_()
+            ema.load_state_dict(init)
+        gen.manual_seed(123)
+        fast_losses = run(step, 7)
+        graphed = step.graphed
+        # the plain path: float32, eager, foreach Adam, a fresh copy from the same start
+        plain = accel.prepare_model(copy.deepcopy(master), self.device, bf16=False, channels_last=False, compile=False)
+        popt = accel.make_optimizer(plain.module.parameters(), fused=False)
+        pema = EMA(plain.module, 0.9999)
+        pgen = torch.Generator(device=self.device).manual_seed(123)
+        pstep = accel.make_train_step(plain, self.diffusion, popt, pema, cuda_graph=False, generator=pgen)
+        plain_losses = run(pstep, 7)
+        k = max(1, steps // 4)
+        first = abs(fast_losses[0] - plain_losses[0]) / plain_losses[0]
+        last_f, last_p = statistics.mean(fast_losses[-k:]), statistics.mean(plain_losses[-k:])
+        res = dict(steps=steps, fast_losses=[round(v, 5) for v in fast_losses],
+                   plain_losses=[round(v, 5) for v in plain_losses], first_step_rel_diff=round(first, 4),
+                   last_quarter_mean_fast=round(last_f, 5), last_quarter_mean_plain=round(last_p, 5),
+                   last_quarter_rel_diff=round(abs(last_f - last_p) / last_p, 4),
+                   both_decrease=bool(last_f < fast_losses[0] and last_p < plain_losses[0]),
+                   fast_step_graphed=graphed,
+                   note="same data, t and noise draws; dropout masks differ (different kernels)")
+        self.results["loss_curve_check"] = res
+        log(f"loss curve ({steps} steps): fast {fast_losses[0]:.4f} -> {last_f:.4f}, plain {plain_losses[0]:.4f} -> "
+            f"{last_p:.4f} (first-step diff {first * 100:.2f}%, last-quarter diff "
+            f"{res['last_quarter_rel_diff'] * 100:.2f}%)")
+        del plain, popt, pema, pstep
+        self.write_json()
+
+    # ------------------------------------------------------------------ the plan
+    def plan(self, have_diffusers: bool) -> List[Dict[str, Any]]:
+        want = set(self.args.mode_list)
+        if not have_diffusers:
+            want = {m for m in want if not m.startswith("diffusers")}
+        if not self.cuda:  # CUDA graphs: on the CPU "fast" is the compiled path alone
+            want.discard("diffusers:bf16_cl_compile_graph")
+        what = {w.strip() for w in self.args.what.split(",")}
+        jobs = []
+
+        def add(net, mode, kind, graph_key=None, est=10.0, check=False):
+            jobs.append(dict(net=net, mode=mode, kind=kind, graph_key=graph_key, est=est, check=check))
+
+        # The compiled pairs first, training (the 2x target) complete before inference: ours' compiled step
+        # and its CUDA graph, then diffusers' compiled step; then the same for inference; then eager modes.
+        for kind in ("train", "infer"):
+            if kind not in what:
+                continue
+            if {"ours:fast", "ours:bf16_cl_compile"} & want:
+                add("ours", "bf16_cl_compile", kind, "ours:fast" if "ours:fast" in want else None,
+                    est=90.0 if kind == "train" else 45.0, check=kind == "infer")
+            if {"diffusers:bf16_cl_compile", "diffusers:bf16_cl_compile_graph"} & want:
+                gk = "diffusers:bf16_cl_compile_graph" if ("diffusers:bf16_cl_compile_graph" in want
+                                                           and kind == "train") else None
+                add("diffusers", "bf16_cl_compile", kind, gk, est=90.0 if kind == "train" else 45.0)
+        # diffusers' eager modes (completing its baseline), then ours'
+        for net in ("diffusers", "ours"):
+            for mode in ("bf16_cl", "fp32"):
+                for kind in ("train", "infer"):
+                    if kind in what and f"{net}:{mode}" in want:
+                        add(net, mode, kind, est=8.0)
+        return jobs
+
+    def estimate(self, job) -> float:
+        if job["mode"] != "bf16_cl_compile" or self.compile_backend() != "inductor":
+            return job["est"] if self.cuda else 2.0
+        measured = self.compile_s.get(f"ours:{job['kind']}")
+        base = measured if measured is not None else job["est"]
+        return base * (0.8 if job["net"] == "diffusers" else 1.0) + 12.0
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    p.add_argument("--size", default=None, choices=sorted(SIZES), help="full (default on CUDA) or tiny (CPU CI)")
+    p.add_argument("--budget-s", type=float, default=330.0,
+                   help="time budget in seconds; no new mode starts when its estimate would overrun it")
+    p.add_argument("--hard-limit-s", type=float, default=None,
+                   help="write what was measured and exit at this time (default: budget + 30 s)")
+    p.add_argument("--modes", default="all", help=f"comma-separated subset of {','.join(ALL_MODES)}")
+    p.add_argument("--what", default="train,infer", help="train, infer or both")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                   help="folder for <card>.json (<card>-tiny.json at --size tiny)")
+    p.add_argument("--json-path", default=None, help="write the JSON here instead")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend (default: inductor on CUDA, eager -- tracing only -- on the CPU)")
+    p.add_argument("--cpu-threads", type=int, default=1,
+                   help="intra-op threads on the CPU (default 1: immune to oversubscription on shared CI machines)")
+    p.add_argument("--loss-check-steps", type=int, default=None,
+                   help="steps of the fast-vs-fp32 loss-curve check on CUDA (default 40 at full size; 0: off)")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.size is None:
+        args.size = "full" if args.device == "cuda" else "tiny"
+    if args.loss_check_steps is None:
+        args.loss_check_steps = 40 if (args.device == "cuda" and args.size == "full") else 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    args.mode_list = ALL_MODES if args.modes == "all" else [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(args.mode_list) - set(ALL_MODES))
+    if unknown:
+        raise SystemExit(f"unknown modes {unknown}; choose from {ALL_MODES}")
+    bad = {w.strip() for w in args.what.split(",")} - {"train", "infer"}
+    if bad:
+        raise SystemExit(f"--what takes train and/or infer, got {sorted(bad)}")
+    global T0
+    T0 = time.perf_counter()
+
+    saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark)
+    if args.device == "cpu" and args.cpu_threads > 0:
+        torch.set_num_threads(args.cpu_threads)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(saved[0])
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = saved[1:]
+
+
+def _main(args) -> Dict[str, Any]:
+    run = Run(args)
+    run.device_info()
+    hard = args.hard_limit_s if args.hard_limit_s is not None else args.budget_s + 30.0
+    done = threading.Event()
+
+    def on_hard_limit():
+        if done.is_set():
+            return
+        log(f"HARD LIMIT {hard:.0f} s reached: writing what was measured and exiting")
+        run.results["aborted"] = f"hard limit {hard:.0f} s reached"
+        path = run.write_json()
+        print(run.table(), flush=True)
+        print(f"wrote {path}", flush=True)
+        os._exit(3)
+
+    watchdog = threading.Timer(hard, on_hard_limit)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        run.warm_compile_pool()
+        run.matmul_peak()
+        ours, diff, note = build_networks(args.size)
+        run.results["diffusers"] = note
+        run.results["parameters"] = sum(q.numel() for q in ours.parameters())
+        log(f"networks: ddpm_lib UNet {run.results['parameters']:,} parameters; {note}")
+        try:
+            run.results["forward_gflop_per_image"] = round(count_forward_flops(ours, run.size["image"]) / 1e9, 4)
+            if diff is not None:
+                run.results["diffusers_forward_gflop_per_image"] = round(
+                    count_forward_flops(diff, run.size["image"]) / 1e9, 4)
+            run.results["flop_convention"] = ("torch.utils.flop_counter at batch 1 (2 FLOPs per multiply-add; "
+                                              "conv, mm, bmm/attention); training = 3 x forward")
+            log(f"forward: {run.results['forward_gflop_per_image']:.3f} GFLOP/image "
+                f"(diffusers {run.results.get('diffusers_forward_gflop_per_image')})")
+        except Exception as exc:  # noqa: BLE001
+            run.results["flop_error"] = f"{type(exc).__name__}: {exc}"
+        run.make_data()
+        masters = {"ours": ours}
+        if diff is not None:
+            masters["diffusers"] = diff
+        run.write_json()
+        last_net_compiled = None
+        for i, job in enumerate(run.plan(diff is not None)):
+            key = f"{job['net']}:{job['mode']}"
+            est = run.estimate(job)
+            if run.time_left() < est and i > 0:
+                msg = f"skipped: {run.time_left():.0f} s left, estimate {est:.0f} s"
+                run.row(key)[f"{job['kind']}_error"] = msg
+                if job["graph_key"]:
+                    run.row(job["graph_key"])[f"{job['kind']}_error"] = msg
+                log(f"{key} {job['kind']}: {msg}")
+                continue
+            compiled = job["mode"] == "bf16_cl_compile"
+            if compiled and last_net_compiled not in (None, job["net"]):
+                run.release(reset_dynamo=True)
+            if compiled:
+                last_net_compiled = job["net"]
+            log(f"{key} {job['kind']} ... (estimate {est:.0f} s, {run.time_left():.0f} s left)")
+            try:
+                if job["kind"] == "train":
+                    run.train_group(job["net"], masters[job["net"]], job["mode"], job["graph_key"])
+                else:
+                    run.infer_group(job["net"], masters[job["net"]], job["mode"], job["graph_key"],
+                                    check=masters if job["check"] else None)
+            except Exception as exc:  # noqa: BLE001 - record and go on
+                err = f"{type(exc).__name__}: {str(exc)[:500]}"
+                run.row(key)[f"{job['kind']}_error"] = err
+                log(f"{key} {job['kind']} FAILED: {err}")
+                traceback.print_exc()
+                run.release(reset_dynamo=False)
+            run.write_json()
+    finally:
+        done.set()
+        watchdog.cancel()
+    path = run.write_json(final=True)
+    print()
+    print(run.table(), flush=True)
+    print(f"wrote {path}", flush=True)
+    out = dict(run.results)
+    out.update(run.summary())
+    out["modes"] = list(run.rows.values())
+    out["json_path"] = str(path)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,707 @@
+"""The fast path on a GPU: bfloat16, ``channels_last``, ``torch.compile``, a fused optimizer and CUDA graphs.
+
+Nothing here changes the mathematics: the network keeps its float32 master weights (and the EMA its
+float32 average); only the arithmetic of the forward and backward passes runs in bfloat16 under
+``torch.autocast``. Each speed-up is a named option, and each falls back cleanly where it cannot run:
+
+==================  ==========  ===================================================================
+option              default     meaning
+==================  ==========  ===================================================================
+``bf16``            ``"auto"``  bfloat16 autocast (on for CUDA)
+``channels_last``   ``"auto"``  NHWC memory format for weights and activations (on for CUDA)
+``compile``         ``"auto"``  ``torch.compile`` (on for CUDA when Triton is there); any failure
+                                of the compiler warns once and the model runs eagerly
+``cuda_graph``      ``"auto"``  capture the whole training step (forward, backward, clipping, Adam
+                                and EMA) or the sampler's forward in one CUDA graph and replay it
+==================  ==========  ===================================================================
+
+Three entry points:
+
+* :func:`prepare_model` -> :class:`FastModel`, the network on its device in the chosen formats, called
+  like the network (``fast(x, t, y=...)``) under autocast.
+* :func:`make_train_step` -> :class:`TrainStep`, one update of Algorithm 1 (sample ``t`` and noise,
+  ``q_sample``, forward, the loss, backward, clip the gradient norm, Adam, EMA) with no host
+  synchronisation; returns the loss and the gradient norm as device tensors.
+* :func:`make_sampler_forward` -> :class:`SamplerForward`, ``eps_theta(x_t, t)`` for the samplers
+  (no gradients, float32 output), optionally replayed from a CUDA graph per input shape.
+
+Shapes follow the library: ``x (B, C, H, W)``, ``t (B,)`` integer timesteps, optional labels
+``y (B,)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "compile_available",
+    "prepare_model",
+    "FastModel",
+    "make_optimizer",
+    "make_train_step",
+    "TrainStep",
+    "make_sampler_forward",
+    "SamplerForward",
+    "ema_update_",
+]
+
+Auto = Union[bool, str]
+_WARNED: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _resolve(value: Auto, name: str, default: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return default
+    raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
+
+
+def _as_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def compile_available(device) -> Tuple[bool, str]:
+    """Whether ``torch.compile`` with inductor can be expected to work on ``device``, and why not.
+
+    CUDA needs Triton; the CPU needs a C++ compiler (``"auto"`` never compiles on the CPU, where
+    compiling costs more than it saves for the book's small runs).
+    """
+    device = torch.device(device)
+    try:
+        from torch import _dynamo
+
+        if not _dynamo.is_dynamo_supported():
+            return False, "torch.compile (dynamo) is not supported on this Python/platform"
+    except Exception as exc:  # noqa: BLE001 - an import failure means no compiler
+        return False, f"torch._dynamo is unavailable ({type(exc).__name__}: {exc})"
+    if device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return False, "Triton is not installed or does not support this GPU"
+        except Exception as exc:  # noqa: BLE001
+            return False, f"cannot check for Triton ({type(exc).__name__}: {exc})"
+        return True, ""
+    if device.type == "cpu":
+        import shutil
+
+        if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+            return False, "no C++ compiler for inductor on the CPU"
+        return True, ""
+    return False, f"torch.compile is not used on {device.type}"
+
+
+# ---------------------------------------------------------------------------------------------- the model
+class FastModel:
+    """A network prepared for fast execution; call it like the network: ``fast(x, t, **kwargs)``.
+
+    Attributes:
+        module: the ``nn.Module`` itself (float32 master weights, on ``device``, ``channels_last`` when
+            chosen); optimise and checkpoint this.
+        forward: what a call runs: the compiled module, or ``module`` after a compiler failure.
+        device, bf16, channels_last: the settings in effect.
+        compiled: ``torch.compile`` is in use (False after a fallback); ``compile_error`` says why not.
+
+    A call converts ``x`` to ``channels_last`` (free when it already is) and runs under bfloat16
+    autocast when ``bf16``; the output is the network's (bfloat16 under autocast). The first call of a
+    compiled model compiles it; if that fails the failure is reported once as a ``RuntimeWarning`` and
+    the model runs eagerly from then on (:meth:`disable_compile`).
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device, bf16: bool, channels_last: bool,
+                 compile: bool, compile_mode: Optional[str] = None, compile_backend: str = "inductor",
+                 fullgraph: bool = False):
+        self.module = module
+        self.device = device
+        self.bf16 = bf16
+        self.channels_last = channels_last
+        self.compile_mode = compile_mode
+        self.compile_backend = compile_backend
+        self.compile_error: Optional[str] = None
+        self.forward: Callable = module
+        self.compiled = False
+        self._first_call_pending = False
+        if compile:
+            try:
+                self.forward = torch.compile(module, mode=compile_mode, backend=compile_backend,
+                                             dynamic=False, fullgraph=fullgraph)
+                self.compiled = True
+                self._first_call_pending = True
+            except Exception as exc:  # noqa: BLE001 - any failure of the compiler
+                self.disable_compile(exc)
+
+    def parameters(self, recurse: bool = True):
+        """The module's parameters (so that samplers find the device)."""
+        return self.module.parameters(recurse)
+
+    def autocast(self):
+        """The autocast context of this model (``nullcontext`` without bf16).
+
+        The weight-cast cache is off: it saves nothing when every weight is used once per forward, and
+        it must be off inside CUDA-graph captures."""
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+        return contextlib.nullcontext()
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the model's device and in its memory format."""
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def disable_compile(self, exc: BaseException) -> None:
+        """Give up on ``torch.compile`` (warn once) and run ``module`` eagerly from now on."""
+        self.compile_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc) else ''}"
+        _warn_once(f"compile:{type(self.module).__name__}:{self.compile_error}",
+                   f"torch.compile failed for {type(self.module).__name__} ({self.compile_error}); "
+                   "running eagerly")
+        self.forward = self.module
+        self.compiled = False
+        self._first_call_pending = False
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        x = self.prepare_input(x)
+        if self._first_call_pending:
+            try:
+                with self.autocast():
+                    out = self.forward(x, t, **kwargs)
+                self._first_call_pending = False
+                return out
+            except Exception as exc:  # noqa: BLE001 - compiler failures surface on the first call
+                with self.autocast():
+                    out = self.module(x, t, **kwargs)  # an error here is the input's: it propagates
+                self.disable_compile(exc)
+                return out
+        with self.autocast():
+            return self.forward(x, t, **kwargs)
+
+
+def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channels_last: Auto = "auto",
+                  compile: Auto = "auto", compile_mode: Optional[str] = None, compile_backend: str = "inductor",
+                  fullgraph: bool = False) -> FastModel:
+    """Move ``model`` to ``device`` in float32 (its master weights) and set up the fast path.
+
+    Args:
+        model: the network, called as ``model(x, t, **kwargs)``. It is moved and converted **in place**
+            (``.to(device).float()``, ``channels_last``); the returned :class:`FastModel` wraps it.
+        device: default: the device of ``model``'s parameters.
+        bf16, channels_last: True, False or ``"auto"`` (on for CUDA).
+        compile: True, False or ``"auto"`` (on for CUDA when :func:`compile_available`). A model that
+            cannot be compiled runs eagerly after one ``RuntimeWarning``; it never raises.
+        compile_mode: ``torch.compile``'s ``mode`` (None: default; ``"max-autotune-no-cudagraphs"``
+            compiles much longer). Leave ``"reduce-overhead"`` to :func:`make_train_step`'s
+            ``cuda_graph``, which captures the optimizer too.
+        compile_backend: ``"inductor"``; ``"eager"`` traces without generating kernels (for tests).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if device is None:
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+    device = _as_device(device)
+    cuda = device.type == "cuda"
+    use_bf16 = _resolve(bf16, "bf16", cuda)
+    use_cl = _resolve(channels_last, "channels_last", cuda)
+    ok, why = compile_available(device)
+    use_compile = _resolve(compile, "compile", cuda and ok)
+    if use_compile and not ok and compile_backend == "inductor":
+        _warn_once(f"compile-unavailable:{why}", f"torch.compile is unavailable ({why}); running eagerly")
+        use_compile = False
+    model = model.to(device).float()
+    if use_cl:
+        model = model.to(memory_format=torch.channels_last)
+    fast = FastModel(model, device, use_bf16, use_cl, use_compile, compile_mode, compile_backend, fullgraph)
+    if use_compile and not fast.compiled and fast.compile_error is None:
+        fast.compile_error = why or "unknown"
+    return fast
+
+
+# ---------------------------------------------------------------------------------------------- the optimizer
+def make_optimizer(params, lr: float = 2e-4, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *,
+                   fused: Auto = "auto", capturable: bool = False) -> torch.optim.Adam:
+    """The paper's Adam (lr 2e-4, betas 0.9/0.999, eps 1e-8), fused into a few kernels on CUDA.
+
+    ``capturable=True`` (CUDA only) keeps the step counter and the learning rate on the device (the
+    learning rate as a 0-d tensor), so that :class:`TrainStep` can capture ``optimizer.step()`` in a
+    CUDA graph and still change the learning rate every step (the warm-up) without re-capturing.
+    """
+    params = list(params)
+    if not params:
+        raise ValueError("params is empty")
+    device = params[0].device if torch.is_tensor(params[0]) else params[0]["params"][0].device
+    cuda = device.type == "cuda"
+    use_fused = _resolve(fused, "fused", cuda)
+    if capturable and not cuda:
+        raise ValueError("capturable=True needs parameters on a CUDA device")
+    kw: Dict[str, Any] = dict(betas=tuple(betas), eps=eps)
+    if capturable:
+        kw["capturable"] = True
+        lr_value: Union[float, torch.Tensor] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+    else:
+        lr_value = float(lr)
+    if use_fused:
+        try:
+            return torch.optim.Adam(params, lr=lr_value, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            _warn_once(f"fused-adam:{exc}", f"fused Adam is unavailable ({exc}); using the foreach Adam")
+    if capturable:
+        kw["foreach"] = True
+    return torch.optim.Adam(params, lr=lr_value, **kw)
+
+
+def _is_capturable(optimizer: torch.optim.Optimizer) -> bool:
+    return all(bool(g.get("capturable", False)) for g in optimizer.param_groups)
+
+
+# ---------------------------------------------------------------------------------------------- EMA
+@torch.no_grad()
+def ema_update_(ema_params: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                weight: Union[float, torch.Tensor]) -> None:
+    """``ema <- ema + weight * (param - ema)`` for every tensor, with ``weight = 1 - decay`` (book ``eq-ema``).
+
+    A float weight uses one fused ``lerp``; a 0-d tensor weight (for a CUDA graph whose decay changes,
+    e.g. during an EMA warm-up) uses ``sub``, ``mul`` and ``add``. Both are float32 and equal up to
+    rounding. No host synchronisation.
+    """
+    ema_params, params = list(ema_params), [p.detach() for p in params]
+    if len(ema_params) != len(params):
+        raise ValueError(f"ema_params has {len(ema_params)} tensors but params has {len(params)}")
+    if torch.is_tensor(weight):
+        diff = torch._foreach_sub(params, ema_params)
+        torch._foreach_mul_(diff, weight)
+        torch._foreach_add_(ema_params, diff)
+    else:
+        torch._foreach_lerp_(ema_params, params, float(weight))
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+def _cuda_graph_capture(fn: Callable[[], Any], generators: Sequence[torch.Generator] = ()):
+    """Capture ``fn()`` into a new ``torch.cuda.CUDAGraph`` (on the capture's own stream) -> ``(graph, out)``.
+
+    Capturing records the kernels without running them: replay the graph to run them. ``generators``
+    other than the device's default one (which torch registers itself) are registered first, so that
+    every replay advances their Philox offsets as the eager calls would."""
+    graph = torch.cuda.CUDAGraph()
+    for gen in generators:
+        graph.register_generator_state(gen)
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+# ---------------------------------------------------------------------------------------------- one training step
+def _rng_snapshot(device: torch.device, generator: Optional[torch.Generator]):
+    return (generator.get_state() if generator is not None else None, torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _rng_restore(device: torch.device, generator: Optional[torch.Generator], snap) -> None:
+    if generator is not None:
+        generator.set_state(snap[0])
+    torch.set_rng_state(snap[1])
+    if snap[2] is not None:
+        torch.cuda.set_rng_state(snap[2], device)
+
+
+class TrainStep:
+    """One update of Algorithm 1; see :func:`make_train_step`. Call ``step(x0, y=None, lr=None, step=None)``.
+
+    Returns ``(loss, grad_norm)``: the batch's mean loss (float32, detached) and the gradient's global
+    norm before clipping (None without clipping), both 0-d tensors on the device, read without a
+    host synchronisation. With a CUDA graph they are the graph's output buffers: use them (e.g.
+    ``loss_sum += loss``) before the next call, or clone them.
+
+    Attributes: ``fast`` (the :class:`FastModel`), ``graphed`` (the step replays a CUDA graph),
+    ``graph_error`` (why a requested graph is not used), ``calls``.
+    """
+
+    def __init__(self, fast: FastModel, diffusion, optimizer: torch.optim.Optimizer, ema=None, *,
+                 ema_decay: Optional[float] = None, grad_clip: Optional[float] = 1.0, cuda_graph: bool = False,
+                 generator: Optional[torch.Generator] = None, warmup_calls: int = 3):
+        self.fast = fast
+        self.diffusion = diffusion
+        self.optimizer = optimizer
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
+        self.generator = generator
+        self.device = fast.device
+        self.params = [p for p in fast.module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        # EMA: a ddpm_lib.ema.EMA (its decay_at(step) gives the decay), or a list of tensors + ema_decay
+        self.ema = ema
+        self._ema_params: Optional[List[torch.Tensor]] = None
+        self._ema_buffers: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        if ema is not None:
+            if hasattr(ema, "model") and hasattr(ema, "decay_at"):
+                ema_all = list(ema.model.parameters())
+                if len(ema_all) != len(list(fast.module.parameters())):
+                    raise ValueError("ema.model does not have the parameters of the model")
+                self._ema_params = [e for e, p in zip(ema_all, fast.module.parameters()) if p.requires_grad]
+                self._ema_buffers = list(zip(ema.model.buffers(), fast.module.buffers()))
+                self._decay_at = ema.decay_at
+            else:
+                if ema_decay is None:
+                    raise ValueError("ema_decay is required when ema is a list of tensors")
+                self._ema_params = list(ema)
+                if len(self._ema_params) != len(self.params):
+                    raise ValueError(f"ema has {len(self._ema_params)} tensors but the model has "
+                                     f"{len(self.params)} trainable parameters")
+                d = float(ema_decay)
+                self._decay_at = lambda step: d
+        self.calls = 0
+        self._compile_unproven = fast.compiled  # the first step compiles forward and backward
+        self.warmup_calls = max(1, int(warmup_calls))
+        self.graph_error: Optional[str] = None
+        self._want_graph = bool(cuda_graph)
+        self._graph: Optional[torch.cuda.CUDAGraph] = None
+        self._static: Dict[str, Any] = {}
+        if self._want_graph:
+            why = self._graph_blocker()
+            if why:
+                self.graph_error = why
+                self._want_graph = False
+                _warn_once(f"graph:{why}", f"the training step will not use a CUDA graph: {why}")
+
+    # -------------------------------------------------------------------------------------- state
+    @property
+    def graphed(self) -> bool:
+        return self._graph is not None
+
+    def _graph_blocker(self) -> str:
+        if self.device.type != "cuda":
+            return "CUDA graphs need a CUDA device"
+        if not _is_capturable(self.optimizer):
+            return "the optimizer is not capturable (build it with make_optimizer(..., capturable=True))"
+        if self.generator is not None and self.generator.device.type != "cuda":
+            return "the generator is not a CUDA generator"
+        return ""
+
+    def reset(self) -> None:
+        """Drop the captured graph (it is captured again after ``warmup_calls`` eager calls).
+
+        Needed after anything that replaces tensors the graph reads: ``optimizer.load_state_dict``,
+        new parameter tensors. (Loading weights with ``load_state_dict`` copies in place and is safe.)
+        The step detects a replaced optimizer state itself."""
+        self._graph = None
+        self._static = {}
+        self.calls = 0
+
+    def _optimizer_state_ref(self):
+        st = self.optimizer.state.get(self.params[0], {})
+        return st.get("exp_avg"), [g["lr"] for g in self.optimizer.param_groups]
+
+    def _set_lr(self, lr: float) -> None:
+        """Set the learning rate without a host synchronisation (in place for a device tensor, which a
+        captured graph reads; a capturable optimizer whose lr came back from a checkpoint as a float or a
+        CPU tensor gets a device tensor again, and the graph is captured anew)."""
+        for g in self.optimizer.param_groups:
+            cur = g["lr"]
+            if torch.is_tensor(cur) and cur.device == self.device:
+                cur.fill_(float(lr))
+            elif g.get("capturable", False) and self.device.type == "cuda":
+                g["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=self.device)
+            else:
+                g["lr"] = float(lr)
+
+    # -------------------------------------------------------------------------------------- the body
+    def _body(self, x0: torch.Tensor, y: Optional[torch.Tensor], ema_weight) -> Tuple[torch.Tensor, Any]:
+        """Sample t and noise, the loss (``training_losses``), backward, clip, Adam, EMA."""
+        fast, gen = self.fast, self.generator
+        B = x0.shape[0]
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=self.device, generator=gen)
+        noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=gen)
+        kw = {} if y is None else {"y": y}
+        self.optimizer.zero_grad(set_to_none=True)
+        with fast.autocast():
+            losses = self.diffusion.training_losses(fast.forward, x0, t, noise, model_kwargs=kw)
+        loss = losses["loss"].float().mean()
+        loss.backward()
+        gnorm = None
+        if self.grad_clip is not None:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip,
+                                                   foreach=True if self.device.type == "cuda" else None)
+        self.optimizer.step()
+        if self._ema_params is not None:
+            ema_update_(self._ema_params, self.params, ema_weight)
+            for b_ema, b in self._ema_buffers:
+                b_ema.copy_(b)
+        return loss.detach(), gnorm
+
+    def _eager_call(self, x0, y, ema_weight):
+        fast = self.fast
+        if self._compile_unproven and fast.compiled:
+            snap = _rng_snapshot(self.device, self.generator)
+            try:
+                out = self._body(x0, y, ema_weight)
+                self._compile_unproven = False
+                fast._first_call_pending = False
+                return out
+            except Exception as exc:  # noqa: BLE001 - a compiler failure, unless the eager step fails too
+                _rng_restore(self.device, self.generator, snap)
+                self.optimizer.zero_grad(set_to_none=True)
+                compiled_forward, fast.forward = fast.forward, fast.module
+                try:
+                    out = self._body(x0, y, ema_weight)
+                except Exception:
+                    fast.forward = compiled_forward  # the input (or the model) is at fault: keep compiling
+                    raise
+                fast.disable_compile(exc)
+                self._compile_unproven = False
+                return out
+        return self._body(x0, y, ema_weight)
+
+    # -------------------------------------------------------------------------------------- the call
+    def __call__(self, x0: torch.Tensor, y: Optional[torch.Tensor] = None, *, lr: Optional[float] = None,
+                 step: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One update on the batch ``x0 (B, C, H, W)`` (labels ``y (B,)``), at learning rate ``lr``.
+
+        ``step`` (0-based index of this update) sets the EMA decay through ``ema.decay_at(step)``
+        (default: the number of calls so far).
+        """
+        if lr is not None:
+            self._set_lr(lr)
+        step_index = self.calls if step is None else int(step)
+        ema_w = None if self._ema_params is None else 1.0 - float(self._decay_at(step_index))
+        x0 = x0.to(self.device, non_blocking=True)
+        if y is not None:
+            y = y.to(self.device, non_blocking=True)
+        self.calls += 1
+
+        if not self._want_graph:
+            return self._eager_call(self.fast.prepare_input(x0), y, ema_w)
+        if self._graph is not None and self._graph_matches(x0, y):
+            return self._replay(x0, y, ema_w)  # copy_ into the static buffer converts the memory format
+        x0 = self.fast.prepare_input(x0)
+        if self.calls <= self.warmup_calls or self._graph is not None:
+            # warm-up (compile, autotune, lazy initialisation) on a side stream, as CUDA graphs need;
+            # or an input the graph was not captured for (another shape): run it eagerly
+            if self._graph is not None:
+                _warn_once("graph-shape", "an input of another shape or dtype than the captured one: "
+                                          "that step runs without the CUDA graph")
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = self._eager_call(x0, y, ema_w)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return out
+        try:
+            return self._capture(x0, y, ema_w)
+        except Exception as exc:  # noqa: BLE001 - fall back to the eager step
+            self._graph = None
+            self._static = {}
+            self._want_graph = False
+            self.graph_error = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+            _warn_once(f"graph-capture:{self.graph_error}",
+                       f"CUDA-graph capture of the training step failed ({self.graph_error}); continuing without")
+            torch.cuda.synchronize(self.device)
+            return self._eager_call(x0, y, ema_w)
+
+    def _graph_matches(self, x0, y) -> bool:
+        s = self._static
+        if x0.shape != s["x0"].shape or x0.dtype != s["x0"].dtype:
+            return False
+        if (y is None) != (s["y"] is None) or (y is not None and y.shape != s["y"].shape):
+            return False
+        if self._optimizer_state_ref()[0] is not s["state_ref"][0] or any(
+                a is not b for a, b in zip(self._optimizer_state_ref()[1], s["state_ref"][1])):
+            _warn_once("graph-recapture", "the optimizer's state was replaced: capturing the step again")
+            self.reset()
+            self.calls = self.warmup_calls  # the step is warm; capture at once
+            return False
+        return True
+
+    def _replay(self, x0, y, ema_w):
+        s = self._static
+        s["x0"].copy_(x0)
+        if y is not None:
+            s["y"].copy_(y)
+        if ema_w is not None and ema_w != s["ema_w_value"]:
+            s["ema_w"].fill_(ema_w)
+            s["ema_w_value"] = ema_w
+        self._graph.replay()
+        return s["loss"], s["gnorm"]
+
+    def _capture(self, x0, y, ema_w):
+        dev = self.device
+        s: Dict[str, Any] = {
+            "x0": x0.clone(memory_format=torch.preserve_format),
+            "y": None if y is None else y.clone(),
+            "ema_w": torch.tensor(0.0 if ema_w is None else ema_w, dtype=torch.float32, device=dev),
+            "ema_w_value": ema_w,
+        }
+        torch.cuda.synchronize(dev)
+        self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients
+        gen = self.generator
+        gens = [gen] if gen is not None and gen.device.type == "cuda" and not any(
+            gen is d for d in torch.cuda.default_generators) else []
+        graph, (s["loss"], s["gnorm"]) = _cuda_graph_capture(
+            lambda: self._body(s["x0"], s["y"], s["ema_w"] if ema_w is not None else None), gens)
+        s["state_ref"] = self._optimizer_state_ref()
+        self._graph, self._static = graph, s
+        graph.replay()  # capturing records the step without running it: run it now
+        return s["loss"], s["gnorm"]
+
+
+def make_train_step(model: Union[FastModel, nn.Module], diffusion, optimizer: torch.optim.Optimizer, ema=None, *,
+                    ema_decay: Optional[float] = None, grad_clip: Optional[float] = 1.0, cuda_graph: Auto = "auto",
+                    generator: Optional[torch.Generator] = None, warmup_calls: int = 3) -> TrainStep:
+    """One training update of Algorithm 1 as a callable, without host synchronisation.
+
+    ``step(x0, y=None, lr=None, step=None) -> (loss, grad_norm)`` draws ``t ~ U{0..T-1}`` and
+    ``noise ~ N(0, I)`` (from ``generator`` when given, on the device, in that order, as
+    :meth:`GaussianDiffusion.training_losses` does), computes ``diffusion.training_losses`` (book
+    ``eq-l-simple``) under the model's autocast, back-propagates, clips the gradient's global norm to
+    ``grad_clip`` (foreach), steps ``optimizer`` and updates the EMA (book ``eq-ema``).
+
+    Args:
+        model: a :class:`FastModel` (from :func:`prepare_model`) or an ``nn.Module`` (prepared with the
+            defaults: bf16, channels_last and compile on CUDA).
+        optimizer: over the model's parameters; :func:`make_optimizer` gives the paper's fused Adam.
+        ema: a :class:`ddpm_lib.ema.EMA` of the model (``ema.decay_at(step)`` gives each decay), a list of
+            float32 tensors shaped like the trainable parameters (with ``ema_decay``), or None.
+        cuda_graph: capture the whole step in one CUDA graph after ``warmup_calls`` eager calls (which
+            compile and warm up) and replay it; ``"auto"``: on CUDA when the optimizer is capturable
+            (``make_optimizer(..., capturable=True)``). Any capture failure warns once and the step
+            runs without the graph. A graph replays the captured shapes; other shapes run eagerly.
+        generator: a CUDA ``torch.Generator`` for ``t`` and the noise (default: torch's global one).
+    """
+    fast = model if isinstance(model, FastModel) else prepare_model(model)
+    if cuda_graph == "auto":
+        cuda_graph = fast.device.type == "cuda" and _is_capturable(optimizer)
+    else:
+        cuda_graph = _resolve(cuda_graph, "cuda_graph", False)
+    return TrainStep(fast, diffusion, optimizer, ema, ema_decay=ema_decay, grad_clip=grad_clip,
+                     cuda_graph=cuda_graph, generator=generator, warmup_calls=warmup_calls)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+class SamplerForward:
+    """``eps_theta(x_t, t, **kwargs)`` for the samplers: no gradients, float32 output; see
+    :func:`make_sampler_forward`.
+
+    With ``cuda_graph``, each new input signature (shapes, dtypes, non-tensor keyword values) runs
+    ``warmup_calls`` times eagerly (compiling), is then captured, and replays from then on; at most
+    ``max_graphs`` signatures are kept (least recently used dropped). The output is a fresh tensor.
+    """
+
+    def __init__(self, fast: FastModel, cuda_graph: bool, out_dtype: Optional[torch.dtype] = torch.float32,
+                 warmup_calls: int = 2, max_graphs: int = 4):
+        self.fast = fast
+        self.cuda_graph = bool(cuda_graph) and fast.device.type == "cuda"
+        self.out_dtype = out_dtype
+        self.warmup_calls = max(1, int(warmup_calls))
+        self.max_graphs = max(1, int(max_graphs))
+        self.graph_error: Optional[str] = None
+        self._graphs: "OrderedDict[Any, Dict[str, Any]]" = OrderedDict()
+        self._seen: Dict[Any, int] = {}
+
+    @property
+    def module(self) -> nn.Module:
+        return self.fast.module
+
+    def parameters(self, recurse: bool = True):
+        """The module's parameters (the samplers read the device from them)."""
+        return self.fast.module.parameters(recurse)
+
+    def _run(self, x, t, kwargs):
+        out = self.fast(x, t, **kwargs)
+        return out if self.out_dtype is None else out.to(self.out_dtype)
+
+    @staticmethod
+    def _key(x, t, kwargs):
+        def sig(v):
+            if torch.is_tensor(v):
+                return ("T", tuple(v.shape), v.dtype, v.device)
+            return ("V", repr(v))
+        return (sig(x), sig(t), tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """``x (B, C, H, W)``, ``t (B,)`` -> ``eps (B, C_out, H, W)`` in ``out_dtype``."""
+        x = self.fast.prepare_input(x)
+        t = t.to(self.fast.device, non_blocking=True)
+        kwargs = {k: (v.to(self.fast.device, non_blocking=True) if torch.is_tensor(v) else v)
+                  for k, v in kwargs.items()}
+        if not self.cuda_graph:
+            return self._run(x, t, kwargs)
+        key = self._key(x, t, kwargs)
+        entry = self._graphs.get(key)
+        if entry is not None:
+            self._graphs.move_to_end(key)
+            entry["x"].copy_(x)
+            entry["t"].copy_(t)
+            for k, buf in entry["kw"].items():
+                buf.copy_(kwargs[k])
+            entry["graph"].replay()
+            return entry["out"].clone()
+        n = self._seen.get(key, 0) + 1
+        self._seen[key] = n
+        if n <= self.warmup_calls:
+            return self._run(x, t, kwargs)
+        try:
+            return self._capture(key, x, t, kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self.cuda_graph = False
+            self._graphs.clear()
+            self.graph_error = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+            _warn_once(f"sampler-graph:{self.graph_error}",
+                       f"CUDA-graph capture of the sampler's forward failed ({self.graph_error}); "
+                       "continuing without")
+            torch.cuda.synchronize(self.fast.device)
+            return self._run(x, t, kwargs)
+
+    def _capture(self, key, x, t, kwargs):
+        dev = self.fast.device
+        entry: Dict[str, Any] = {
+            "x": x.clone(memory_format=torch.preserve_format), "t": t.clone(),
+            "kw": {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)},
+        }
+        static_kwargs = {k: entry["kw"].get(k, v) for k, v in kwargs.items()}
+        torch.cuda.synchronize(dev)
+        entry["graph"], entry["out"] = _cuda_graph_capture(lambda: self._run(entry["x"], entry["t"], static_kwargs))
+        self._graphs[key] = entry
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        entry["graph"].replay()  # capturing records the forward without running it: run it now
+        return entry["out"].clone()
+
+
+def make_sampler_forward(model: Union[FastModel, nn.Module], device=None, *, bf16: Auto = "auto",
+                         channels_last: Auto = "auto", compile: Auto = "auto", cuda_graph: Auto = "auto",
+                         out_dtype: Optional[torch.dtype] = torch.float32, warmup_calls: int = 2,
+                         max_graphs: int = 4, compile_backend: str = "inductor") -> SamplerForward:
+    """The network's forward for sampling (``ddpm_sample``, ``ddim_sample``): ``f(x_t, t, **kwargs)``.
+
+    Runs without gradients under bfloat16 autocast and ``channels_last`` (each ``"auto"``: on CUDA),
+    compiled (``"auto"``: on CUDA when available, with a clean eager fallback), and with ``cuda_graph``
+    (``"auto"``: on CUDA) replays a CUDA graph of the forward for each batch shape: the sampling loop
+    calls the network with the same shapes a thousand times. Returns float32 (``out_dtype``), so that the
+    sampler's arithmetic stays float32. ``model`` should be in evaluation mode (e.g. ``ema.model``); it is
+    converted in place like :func:`prepare_model` does.
+    """
+    if isinstance(model, FastModel):
+        fast = model
+    else:
+        fast = prepare_model(model, device, bf16=bf16, channels_last=channels_last, compile=compile,
+                             compile_backend=compile_backend)
+    graph = _resolve(cuda_graph, "cuda_graph", fast.device.type == "cuda")
+    return SamplerForward(fast, graph, out_dtype=out_dtype, warmup_calls=warmup_calls, max_graphs=max_graphs)

@@ -1,0 +1,292 @@
+"""The fast path (ddpm_lib.accel): same function and same training as the plain float32 path, clean fallbacks."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+from ddpm_lib import GaussianDiffusion, UNet, accel, ddim_sample
+from ddpm_lib.ema import EMA
+
+BF16_TOL = 2e-2  # relative error of a bf16 forward against float32
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _tiny(seed=0, dropout=0.0, randomise=True):
+    torch.manual_seed(seed)
+    m = UNet.from_preset("tiny", ch=16, dropout=dropout)
+    if randomise:  # every weight non-zero (the paper zero-initialises the last layer of each branch)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m
+
+
+def _inputs(batch=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 16, 16, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+
+
+def _images(n=32, seed=0):
+    """Smooth images in [-1, 1] (learnable, unlike white noise)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    monkeypatch.setattr(accel, "_WARNED", set())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small networks run fastest, and immune to a busy machine, on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def test_fast_forward_matches_fp32_within_bf16_tolerance():
+    m = _tiny().eval()
+    x, t = _inputs()
+    with torch.no_grad():
+        ref = m(x, t)
+        fast = accel.prepare_model(copy.deepcopy(m), "cpu", bf16=True, channels_last=True, compile=False)
+        out = fast(x, t)
+    assert fast.bf16 and fast.channels_last and not fast.compiled
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert 1e-5 < _rel(out, ref) < BF16_TOL  # bf16 arithmetic, but the same function
+    # the master weights stay float32, in channels_last
+    w = fast.module.conv_in.weight
+    assert w.dtype == torch.float32 and w.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_sampler_forward_float32_and_in_ddim():
+    m = _tiny().eval()
+    x, t = _inputs()
+    f = accel.make_sampler_forward(copy.deepcopy(m), "cpu", bf16=True, channels_last=True, compile=False)
+    assert not f.cuda_graph  # no graphs on the CPU
+    out = f(x, t)
+    assert out.dtype == torch.float32 and not out.requires_grad
+    assert _rel(out, m(x, t).detach()) < BF16_TOL
+    d = GaussianDiffusion("linear", num_timesteps=100)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    ref = ddim_sample(m, d, (2, 3, 16, 16), steps=5, generator=g1, progress=False)
+    fast = ddim_sample(f, d, (2, 3, 16, 16), steps=5, generator=g2, progress=False)
+    assert torch.isfinite(fast).all() and _rel(fast, ref) < 5e-2
+
+
+def test_defaults_on_cpu_are_the_plain_path():
+    fast = accel.prepare_model(_tiny(), "cpu")
+    assert not (fast.bf16 or fast.channels_last or fast.compiled)
+    opt = accel.make_optimizer(fast.module.parameters())
+    assert not opt.defaults.get("fused") and not opt.defaults.get("capturable")
+    step = accel.make_train_step(fast, GaussianDiffusion(), opt)
+    assert not step._want_graph
+    with pytest.raises(ValueError, match="capturable"):
+        accel.make_optimizer(fast.module.parameters(), capturable=True)
+    with pytest.raises(ValueError, match="bf16"):
+        accel.prepare_model(_tiny(), "cpu", bf16="yes")
+
+
+# ---------------------------------------------------------------------------------------------- one step
+def _reference_steps(model, diffusion, batches, seed, lr=2e-4, clip=1.0, decay=0.9):
+    """Algorithm 1 written out plainly: the step make_train_step must equal in float32."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    ema = [p.detach().clone() for p in model.parameters()]
+    losses, norms = [], []
+    for x0 in batches:
+        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t = diffusion.q_sample(x0, t, noise)
+        loss = ((model(x_t, t) - noise) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.mul_(decay).add_(p, alpha=1 - decay)
+        losses.append(loss.item())
+    return losses, norms, ema
+
+
+def test_train_step_fp32_equals_algorithm_1():
+    d = GaussianDiffusion("linear", num_timesteps=1000)
+    batches = [_images(8, seed=i) for i in range(3)]
+    ref_model = _tiny(randomise=True)
+    model = copy.deepcopy(ref_model)
+    ref_losses, ref_norms, ref_ema = _reference_steps(ref_model, d, batches, seed=5)
+
+    fast = accel.prepare_model(model, "cpu", bf16=False, channels_last=False, compile=False)
+    opt = accel.make_optimizer(fast.module.parameters(), lr=2e-4)
+    ema = EMA(fast.module, decay=0.9)
+    step = accel.make_train_step(fast, d, opt, ema, generator=torch.Generator().manual_seed(5))
+    for i, x0 in enumerate(batches):
+        loss, gnorm = step(x0, step=i)
+        assert loss.shape == () and loss.dtype == torch.float32 and not loss.requires_grad
+        assert loss.item() == pytest.approx(ref_losses[i], rel=1e-5)
+        assert gnorm.item() == pytest.approx(ref_norms[i].item(), rel=1e-4)
+    for p, q in zip(fast.module.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for e, r in zip(ema.model.parameters(), ref_ema):
+        torch.testing.assert_close(e, r, rtol=1e-5, atol=1e-6)
+    assert step.calls == 3 and not step.graphed
+
+
+def test_fast_loss_curve_matches_plain():
+    """40 updates from the same start, with the same batches, t and noise: the bf16 + channels_last
+    path follows the float32 path within run-to-run noise (measured here with another t/noise seed)."""
+    d = GaussianDiffusion("linear", num_timesteps=1000)
+    data = _images(64)
+    start = _tiny(randomise=False)  # the paper's initialisation
+
+    def run(bf16, seed, steps=40):
+        fast = accel.prepare_model(copy.deepcopy(start), "cpu", bf16=bf16, channels_last=bf16, compile=False)
+        opt = accel.make_optimizer(fast.module.parameters(), lr=2e-3)
+        step = accel.make_train_step(fast, d, opt, EMA(fast.module, 0.999),
+                                     generator=torch.Generator().manual_seed(seed))
+        idx = torch.Generator().manual_seed(11)
+        out = []
+        for _ in range(steps):
+            loss, _ = step(data[torch.randint(0, data.shape[0], (16,), generator=idx)])
+            out.append(loss.item())
+        return torch.tensor(out)
+
+    plain, fast, other_seed = run(False, 1), run(True, 1), run(False, 2)
+    k = 10
+    assert plain[-k:].mean() < 0.8 * plain[:k].mean() and fast[-k:].mean() < 0.8 * fast[:k].mean()  # learning
+    # per step, the same draws give nearly the same loss ...
+    assert ((fast - plain).abs() / plain).mean() < 0.02
+    # ... and the curves agree within the spread that another seed gives
+    noise = (other_seed[-k:].mean() - plain[-k:].mean()).abs()
+    assert (fast[-k:].mean() - plain[-k:].mean()).abs() < max(noise, 0.05 * plain[-k:].mean())
+
+
+def test_ema_update_tensor_weight_equals_lerp():
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    a = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    b = [x.clone() for x in a]
+    accel.ema_update_(a, params, 0.1)
+    accel.ema_update_(b, params, torch.tensor(0.1))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    with pytest.raises(ValueError, match="tensors"):
+        accel.ema_update_(a[:1], params, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------- compile and fallbacks
+def test_compile_failure_falls_back_with_one_warning(monkeypatch):
+    def broken_compile(module, **kw):
+        def fn(*a, **k):
+            raise RuntimeError("inductor exploded")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    m = _tiny().eval()
+    x, t = _inputs()
+    fast = accel.prepare_model(copy.deepcopy(m), "cpu", bf16=False, channels_last=False, compile=True)
+    assert fast.compiled
+    with pytest.warns(RuntimeWarning, match="inductor exploded"):
+        out = fast(x, t)
+    assert not fast.compiled and "inductor exploded" in fast.compile_error
+    torch.testing.assert_close(out, m(x, t))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only once
+        fast(x, t)
+
+    # the training step: the first (compiling) step fails, is rolled back (RNG included) and redone eagerly
+    d = GaussianDiffusion("linear", num_timesteps=1000)
+    batches = [_images(8, seed=i) for i in range(2)]
+    ref_model = _tiny()
+    ref_losses, _, _ = _reference_steps(copy.deepcopy(ref_model), d, batches, seed=5, decay=0.9999)
+    fast = accel.prepare_model(copy.deepcopy(ref_model), "cpu", bf16=False, channels_last=False, compile=True)
+    step = accel.make_train_step(fast, d, accel.make_optimizer(fast.module.parameters()),
+                                 generator=torch.Generator().manual_seed(5))
+    accel._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="running eagerly"):
+        losses = [step(b)[0].item() for b in batches]
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+
+
+def test_bad_input_is_not_taken_for_a_compiler_failure(monkeypatch):
+    def broken_compile(module, **kw):
+        def fn(*a, **k):
+            raise RuntimeError("compiler failure")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fast = accel.prepare_model(_tiny(), "cpu", bf16=False, channels_last=False, compile=True)
+    with pytest.raises(ValueError, match="x must have shape"):
+        fast(torch.randn(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))
+    assert fast.compiled and fast.compile_error is None  # still compiling: the input was at fault
+
+
+def test_compile_unavailable_runs_eagerly(monkeypatch):
+    monkeypatch.setattr(accel, "compile_available", lambda device: (False, "no Triton here"))
+    with pytest.warns(RuntimeWarning, match="no Triton here"):
+        fast = accel.prepare_model(_tiny(), "cpu", compile=True)
+    assert not fast.compiled and fast.forward is fast.module
+    fast = accel.prepare_model(_tiny(), "cpu", compile="auto")  # auto: silently off
+    assert not fast.compiled
+
+
+def test_compiled_train_step_traces_and_matches_eager():
+    """torch.compile (dynamo tracing; the eager backend keeps the test fast) on the training step."""
+    torch._dynamo.reset()
+    d = GaussianDiffusion("linear", num_timesteps=1000)
+    batches = [_images(8, seed=i) for i in range(2)]
+    start = _tiny()
+    res = []
+    for compile in (False, True):
+        fast = accel.prepare_model(copy.deepcopy(start), "cpu", bf16=False, channels_last=True, compile=compile,
+                                   compile_backend="eager")
+        step = accel.make_train_step(fast, d, accel.make_optimizer(fast.module.parameters()),
+                                     generator=torch.Generator().manual_seed(2))
+        res.append([step(b)[0].item() for b in batches])
+        assert fast.compiled == compile
+    assert res[1] == pytest.approx(res[0], rel=1e-5)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_step_equals_eager_step():
+    d = GaussianDiffusion("linear", num_timesteps=1000)
+    data = _images(64).cuda()
+    start = _tiny(randomise=False)
+    runs = []
+    for graph in (False, True):
+        fast = accel.prepare_model(copy.deepcopy(start), "cuda", compile=False)
+        opt = accel.make_optimizer(fast.module.parameters(), capturable=True)
+        ema = EMA(fast.module, 0.999)
+        step = accel.make_train_step(fast, d, opt, ema, cuda_graph=graph,
+                                     generator=torch.Generator(device="cuda").manual_seed(4), warmup_calls=2)
+        idx = torch.Generator(device="cuda").manual_seed(9)
+        losses = []
+        for i in range(8):
+            loss, gnorm = step(data[torch.randint(0, 64, (16,), device="cuda", generator=idx)], lr=1e-3 * (i + 1) / 8)
+            losses.append(loss.clone())
+        assert step.graphed == graph, step.graph_error
+        runs.append((torch.stack(losses).cpu(), [p.detach().cpu() for p in ema.model.parameters()]))
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=2e-3, atol=1e-4)
+    for a, b in zip(runs[1][1], runs[0][1]):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-4)
+    # the sampler's forward from a graph
+    m = _tiny().eval().cuda()
+    x, t = (v.cuda() for v in _inputs(8))
+    f = accel.make_sampler_forward(copy.deepcopy(m), compile=False, warmup_calls=1)
+    outs = [f(x, t) for _ in range(3)]
+    assert f._graphs, f.graph_error
+    for o in outs:
+        assert _rel(o, m(x, t).detach()) < BF16_TOL
