@@ -114,7 +114,8 @@ def ddim_timesteps(num_timesteps: int, steps: int, skip_type: str = "uniform") -
     ``tau_i = (i - 1) T / S``, e.g. 0, 20, ..., 980 for T = 1000, S = 50; the same as the
     ``"leading"`` spacing of common libraries). ``"quadratic"``: ``floor((sqrt(0.8 T) i / S)^2)``,
     the DDIM paper's choice for CIFAR-10. ``"linspace"``: ``round(linspace(0, T-1, S))``, which
-    also visits the last timestep.
+    also visits the last timestep. ``"trailing"``: ``T-1, T-1-c, ...`` counted down from the last
+    timestep (the "trailing" spacing of Lin et al. 2024), so that even one step starts at t = T-1.
     """
     if steps < 1 or steps > num_timesteps:
         raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
@@ -125,8 +126,12 @@ def ddim_timesteps(num_timesteps: int, steps: int, skip_type: str = "uniform") -
         seq = (np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2).astype(int)
     elif skip_type == "linspace":
         seq = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(int)
+    elif skip_type == "trailing":
+        seq = (np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(int) - 1)[::-1]
     else:
-        raise ValueError(f"unknown skip_type {skip_type!r}; choose 'uniform', 'quadratic' or 'linspace'")
+        raise ValueError(
+            f"unknown skip_type {skip_type!r}; choose 'uniform', 'quadratic', 'linspace' or 'trailing'"
+        )
     seq = np.unique(seq)
     if len(seq) != steps:
         raise ValueError(f"skip_type={skip_type!r} gives repeated timesteps for steps={steps}; use fewer steps")

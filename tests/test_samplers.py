@@ -95,6 +95,9 @@ def test_ddim_timesteps_are_the_papers():
     assert list(ddim_timesteps(1000, 50)) == list(range(0, 1000, 20))
     assert list(ddim_timesteps(1000, 10))[:3] == [0, 100, 200]
     assert ddim_timesteps(1000, 1000).tolist() == list(range(1000))
+    assert ddim_timesteps(1000, 1, "trailing").tolist() == [999]
+    assert ddim_timesteps(1000, 4, "trailing").tolist() == [249, 499, 749, 999]
+    assert ddim_timesteps(1000, 1000, "trailing").tolist() == list(range(1000))
     with pytest.raises(ValueError, match="steps"):
         ddim_timesteps(100, 0)
     with pytest.raises(ValueError, match="skip_type"):
