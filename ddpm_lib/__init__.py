@@ -86,3 +86,5 @@ __all__ += ["load_pretrained", "pretrained_path"]
 from . import web  # noqa: E402  (figures for the static web book)
 from .web import chain_scrubber, schedule_explorer  # noqa: E402
 __all__ += ["chain_scrubber", "schedule_explorer"]
+from .guidance import ClassifierGuidedModel, NoisyClassifier, classifier_guided_eps  # noqa: E402  (11.3)
+__all__ += ["ClassifierGuidedModel", "NoisyClassifier", "classifier_guided_eps"]
