@@ -2,6 +2,13 @@
 
 The library behind the interactive DDPM book. The paper's settings are the defaults; every
 departure is a named option. Timesteps are 0-based in code (0..T-1 is the paper's 1..T).
+
+The paper: ``schedules`` (betas), ``diffusion`` (GaussianDiffusion: forward process, posterior,
+reverse step, losses, the bound in bits/dim), ``samplers`` (DDPM, DDIM), ``unet`` (the network),
+``data``, ``trainer``, ``metrics``, ``pretrained`` (the shipped checkpoint), ``cli``.
+The follow-ups of chapter 11: ``respace``, ``guidance``, ``autoencoder``, ``sde``, ``flow``, ``dit``.
+Support: ``config`` (quick mode), ``nn``, ``toy``, ``distances``, ``losses``, ``ema``, ``accel``
+(the GPU fast path), ``web`` (figures that run in the static web book).
 """
 from .config import choose, default_device, quick_mode
 from .data import (
@@ -27,64 +34,51 @@ from .samplers import ddim_invert, ddim_sample, ddim_timesteps, ddpm_sample
 from .schedules import make_beta_schedule
 from .toy import ToyMLP
 from .unet import UNet
-
 from .ema import EMA
 from .metrics import BPDResult, FDResult, FIDUnavailableError, bits_per_dim, fd_fashion, fid
-from .trainer import (CheckpointError, NonFiniteLossError, TrainConfig, Trainer, export_checkpoint,
-                      load_checkpoint, train)
+from .trainer import (
+    CheckpointError,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    export_checkpoint,
+    load_checkpoint,
+    train,
+)
+from .pretrained import load_pretrained, pretrained_path
+# chapter 11
+from .respace import RespacedModel, respace, space_timesteps
+from .guidance import ClassifierGuidedModel, NoisyClassifier, classifier_guided_eps
+from .autoencoder import Autoencoder, train_autoencoder
+from .sde import VPSDE, ConsistencyModel, dopri5, ode_log_likelihood, score_from_eps
 from .flow import RectifiedFlow
-from .sde import ConsistencyModel, VPSDE, dopri5, ode_log_likelihood, score_from_eps
+from .dit import DiT
+# the static web book
+from . import web
+from .web import chain_scrubber, schedule_explorer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DatasetUnavailableError",
-    "GaussianDiffusion",
-    "GaussianMixture2D",
-    "ImageData",
-    "LossType",
-    "MeanType",
-    "ToyMLP",
-    "UNet",
-    "VarType",
-    "available_datasets",
-    "choose",
-    "ddim_invert",
-    "ddim_sample",
-    "ddim_timesteps",
-    "ddpm_sample",
-    "default_device",
-    "discretized_gaussian_log_likelihood",
-    "energy_distance",
-    "frechet_distance",
-    "image_grid",
-    "load_dataset",
-    "load_digits",
-    "make_beta_schedule",
-    "make_loader",
-    "mmd_rbf",
-    "normal_kl",
-    "quick_mode",
-    "random_hflip",
-    "save_image_grid",
-    "timestep_embedding",
-    "to_uint8",
-    "toy_data",
-    "toy_mixture",
+    # the paper
+    "GaussianDiffusion", "LossType", "MeanType", "VarType", "make_beta_schedule",
+    "ddpm_sample", "ddim_sample", "ddim_timesteps", "ddim_invert",
+    "UNet", "ToyMLP", "timestep_embedding", "normal_kl", "discretized_gaussian_log_likelihood",
+    # data
+    "DatasetUnavailableError", "GaussianMixture2D", "ImageData", "available_datasets", "image_grid",
+    "load_dataset", "load_digits", "make_loader", "random_hflip", "save_image_grid", "to_uint8",
+    "toy_data", "toy_mixture",
+    # training, checkpoints and metrics
+    "EMA", "TrainConfig", "Trainer", "train", "CheckpointError", "NonFiniteLossError",
+    "export_checkpoint", "load_checkpoint", "load_pretrained", "pretrained_path",
+    "BPDResult", "FDResult", "FIDUnavailableError", "bits_per_dim", "fd_fashion", "fid",
+    "energy_distance", "frechet_distance", "mmd_rbf",
+    # chapter 11
+    "RespacedModel", "respace", "space_timesteps",
+    "ClassifierGuidedModel", "NoisyClassifier", "classifier_guided_eps",
+    "Autoencoder", "train_autoencoder",
+    "VPSDE", "ConsistencyModel", "dopri5", "ode_log_likelihood", "score_from_eps",
+    "RectifiedFlow", "DiT",
+    # settings and the web book
+    "choose", "default_device", "quick_mode", "web", "chain_scrubber", "schedule_explorer",
 ]
-__all__ += [
-    "BPDResult", "CheckpointError", "EMA", "FDResult", "FIDUnavailableError", "NonFiniteLossError",
-    "TrainConfig", "Trainer", "bits_per_dim", "export_checkpoint", "fd_fashion", "fid", "load_checkpoint", "train",
-]
-__all__ += ["ConsistencyModel", "RectifiedFlow", "VPSDE", "dopri5", "ode_log_likelihood", "score_from_eps"]
-from .autoencoder import Autoencoder, train_autoencoder  # noqa: E402  (section 11.5)
-from .dit import DiT  # noqa: E402  (section 11.9)
-from .respace import RespacedModel, respace, space_timesteps  # noqa: E402  (section 11.2)
-__all__ += ["Autoencoder", "DiT", "RespacedModel", "respace", "space_timesteps", "train_autoencoder"]
-from .pretrained import load_pretrained, pretrained_path  # noqa: E402  (the shipped checkpoint)
-__all__ += ["load_pretrained", "pretrained_path"]
-from . import web  # noqa: E402  (figures for the static web book)
-from .web import chain_scrubber, schedule_explorer  # noqa: E402
-__all__ += ["chain_scrubber", "schedule_explorer"]
-from .guidance import ClassifierGuidedModel, NoisyClassifier, classifier_guided_eps  # noqa: E402  (11.3)
-__all__ += ["ClassifierGuidedModel", "NoisyClassifier", "classifier_guided_eps"]

@@ -70,3 +70,25 @@ def test_every_toc_entry_exists_and_every_notebook_is_listed():
         listed.add(matches[0].resolve())
     for nb in NOTEBOOKS:
         assert nb.resolve() in listed, f"{nb.relative_to(ROOT)} is not in _toc.yml"
+
+
+def _book_labels() -> set:
+    labels = set()
+    for path in list(BOOK.rglob("*.ipynb")) + list(BOOK.rglob("*.md")):
+        text = path.read_text()
+        if path.suffix == ".ipynb":
+            text = "\n".join("".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "markdown")
+        labels |= set(re.findall(r"\$\$\s*\((eq-[A-Za-z0-9_-]+)\)", text))
+        labels |= set(re.findall(r"^\((eq-[A-Za-z0-9_-]+)\)=", text, re.M))
+        labels |= set(re.findall(r":label:\s*(eq-[A-Za-z0-9_-]+)", text))
+    return labels
+
+
+def test_every_equation_label_the_library_cites_is_defined_in_the_book():
+    cited = {}
+    for path in sorted((ROOT / "ddpm_lib").glob("*.py")):
+        for label in re.findall(r"\b(eq-[a-z0-9]+(?:-[a-z0-9]+)*)", path.read_text()):
+            cited.setdefault(label, path.name)
+    defined = _book_labels()
+    missing = {label: where for label, where in cited.items() if label not in defined}
+    assert not missing, f"labels cited in ddpm_lib but not defined in the book: {missing}"
