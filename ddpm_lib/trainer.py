@@ -907,6 +907,8 @@ class Trainer:
             old = signal.getsignal(signal.SIGINT)
         except (ValueError, AttributeError):
             return None
+        if old is signal.SIG_IGN:  # Ctrl-C is ignored in this process (nohup, a background job): keep it so
+            return None
 
         def handler(signum, frame):
             if self._interrupted:  # a second Ctrl-C: stop at once

@@ -164,14 +164,32 @@ def test_ctrl_c_saves_then_resume_is_bit_identical(digits, reference, tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     tr.model.register_forward_hook(interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        tr.train(steps=STEPS)
+    # Python's own Ctrl-C handler, also where pytest runs as a background job (SIGINT ignored there)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tr.train(steps=STEPS)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the trainer put it back
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert read_checkpoint(tmp_path / "last.pt")["step"] == 2  # the step in flight was finished, then saved
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     tr2 = Trainer.from_checkpoint(tmp_path / "last.pt", digits, device="cpu")
     assert tr2.cfg == TrainConfig(**{k: v for k, v in OPTS.items() if k != "device"})
     tr2.train(steps=STEPS)
     _assert_identical(_states(tr2), _states(reference))
+
+
+def test_ignored_ctrl_c_stays_ignored(digits, tmp_path):
+    """Under nohup or as a background job SIGINT is ignored; the trainer leaves it so and trains on."""
+    tr = _trainer(digits, tmp_path)
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        tr.model.register_forward_hook(lambda m, a, o: os.kill(os.getpid(), signal.SIGINT))
+        tr.train(steps=2)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
+    assert tr.step == 2
 
 
 # ---------------------------------------------------------------------------------------------- files
