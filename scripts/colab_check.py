@@ -133,7 +133,7 @@ def clean_env(venv: Path) -> dict:
     return env
 
 
-def per_notebook_times(junit: Path, work: Path) -> dict:
+def per_notebook_times(junit: Path) -> dict:
     times: dict = {}
     counts: dict = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         status = subprocess.run([str(c) for c in cmd], cwd=work, env=env).returncode
         t_run = time.perf_counter() - t0
         if junit.is_file():
-            times = per_notebook_times(junit, work)
+            times = per_notebook_times(junit)
             print("\nper notebook (cell time summed; with several workers they overlap):")
             for name, r in times.items():
                 flag = "" if not r["cells_failed"] else f"   {r['cells_failed']} FAILED"

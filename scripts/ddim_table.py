@@ -66,19 +66,17 @@ def main() -> None:
         print(f"{name:24s} FD {row['fd']:8.2f}  real vs real {row['baseline']:6.2f}  "
               f"{row['ms_per_image']:9.2f} ms/image", flush=True)
 
-    for S in sorted(args.steps):
-        for eta in args.etas:
-            if S == 1000 and eta == 1.0 and args.ddpm:
-                continue  # very close to the DDPM row (beta-tilde instead of beta); the budget goes there
-            run(f"DDIM S={S} eta={eta:g}", lambda x, g, S=S, eta=eta: ddim_sample(
+    T = diffusion.num_timesteps
+    jobs = [(f"DDIM S={S} eta={eta:g}", S, lambda x, g, S=S, eta=eta: ddim_sample(
                 model, diffusion, x.shape, x_T=x, steps=S, eta=eta, generator=g, progress=False))
-        if S >= 100 and args.ddpm and not any(r["sampler"].startswith("DDPM") for r in result["rows"]):
-            run("DDPM (Algorithm 2) 1000", lambda x, g: ddpm_sample(
-                model, diffusion, x.shape, x_T=x, generator=g, progress=False))
-    if args.ddpm and not any(r["sampler"].startswith("DDPM") for r in result["rows"]):
-        run("DDPM (Algorithm 2) 1000", lambda x, g: ddpm_sample(
-            model, diffusion, x.shape, x_T=x, generator=g, progress=False))
-
+            for S in sorted(args.steps) for eta in args.etas
+            if not (args.ddpm and S == T and eta == 1.0)]  # ~ the DDPM row (beta-tilde for beta): skipped
+    if args.ddpm:  # before the slow DDIM rows with more than 100 steps
+        k = next((i for i, (_, S, _) in enumerate(jobs) if S > 100), len(jobs))
+        jobs.insert(k, (f"DDPM (Algorithm 2) {T}", T, lambda x, g: ddpm_sample(
+            model, diffusion, x.shape, x_T=x, generator=g, progress=False)))
+    for name, _, sample_fn in jobs:
+        run(name, sample_fn)
 
 if __name__ == "__main__":
     main()

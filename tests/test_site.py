@@ -413,26 +413,48 @@ def _set_by_event(driver, element_id, value):
         element_id, str(value))
 
 
+def _wait_for(driver, root_id, done, timeout=5.0) -> dict:
+    """The figure's state once ``done(state)`` holds (or after ``timeout``: the caller asserts)."""
+    end = time.time() + timeout
+    state = _state(driver, root_id)
+    while not done(state) and time.time() < end:
+        time.sleep(0.05)
+        state = _state(driver, root_id)
+    return state
+
+
+def _payload(driver, root_id) -> dict:
+    """The JSON a figure embeds at build time (its ``<id>-data`` script element)."""
+    return json.loads(driver.execute_script("return document.getElementById(arguments[0]).textContent",
+                                            root_id + "-data"))
+
+
+def _open_figure(driver, server, site, kind: str, chapter: str):
+    """Load the first page holding a ``kind`` figure; return the page and the started figures on it."""
+    from selenium.webdriver.common.by import By
+
+    pages = _pages_with(site, kind)
+    assert pages, f"no page of the site holds a ddpm_lib.web {kind} figure ({chapter} should)"
+    info = _load(driver, server, pages[0])
+    assert not info["errors"], info["errors"]
+    roots = driver.find_elements(By.CSS_SELECTOR, f'[data-ddpm-widget="{kind}"]')
+    assert roots and all(r.get_attribute("data-ready") == "1" for r in roots)
+    return pages[0], roots
+
+
 def test_schedule_sliders_redraw_and_equal_ddpm_lib(site, server, browser, shots):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
-    pages = _pages_with(site, "schedule-explorer")
-    assert pages, "no page of the site holds a ddpm_lib.web.schedule_explorer figure (chapter 7 should)"
-    page = pages[0]
-    info = _load(browser, server, page)
-    assert not info["errors"], info["errors"]
-    roots = browser.find_elements(By.CSS_SELECTOR, '[data-ddpm-widget="schedule-explorer"]')
-    assert roots and all(r.get_attribute("data-ready") == "1" for r in roots)
+    page, roots = _open_figure(browser, server, site, "schedule-explorer", "chapter 7")
 
     # 1. the page's JavaScript against ddpm_lib, at the settings embedded when the page was built
     checked = 0
     for root in roots:
         rid = root.get_attribute("id")
-        payload = json.loads(browser.execute_script("return document.getElementById(arguments[0]).textContent",
-                                                    rid + "-data"))
+        payload = _payload(browser, rid)
         page_values = browser.execute_script(
             "return arguments[0].map(r => { const ab = window.ddpmSchedule.alphaBar(r.name, r.T, r.beta_start,"
             " r.beta_end); return r.index.map(i => ab[i]); });", payload["reference"])
@@ -463,15 +485,12 @@ def test_schedule_sliders_redraw_and_equal_ddpm_lib(site, server, browser, shots
     assert s2["schedule"] == "cosine" and s2["abarPoints"] != s["abarPoints"] and s2["beta-start"] == ""
     _check_state_matches_library(s2)
 
-    # 4. T back to 1000 with the keyboard (80 steps of 10 to the right)
+    # 4. T back to 1000 with the keyboard (3 steps of 10 to the right)
     t_slider = browser.find_element(By.ID, rid + "-T")
     ActionChains(browser).click(t_slider).perform()
     _set_by_event(browser, rid + "-T", 1000 - 10 * 3)
     t_slider.send_keys(Keys.ARROW_RIGHT * 3)
-    end = time.time() + 10
-    while _state(browser, rid)["num-steps"] != "1000" and time.time() < end:
-        time.sleep(0.05)
-    s3 = _state(browser, rid)
+    s3 = _wait_for(browser, rid, lambda st: st["num-steps"] == "1000", timeout=10)
     assert s3["num-steps"] == "1000", s3["num-steps"]
     _check_state_matches_library(s3)
 
@@ -481,18 +500,14 @@ def test_schedule_sliders_redraw_and_equal_ddpm_lib(site, server, browser, shots
     before = _state(browser, rid)
     ActionChains(browser).move_to_element_with_offset(tt, int(-width / 2 + 0.5 * width), 0).click_and_hold() \
         .move_by_offset(int(0.1 * width), 0).release().perform()
-    s4 = _wait_for_redraw(browser, rid, int(before["draw-count"]))
-    end = time.time() + 5
-    while _state(browser, rid)["t"] == before["t"] and time.time() < end:
-        time.sleep(0.05)
-    s4 = _state(browser, rid)
+    _wait_for_redraw(browser, rid, int(before["draw-count"]))
+    s4 = _wait_for(browser, rid, lambda st: st["t"] != before["t"])
     assert s4["t"] != before["t"] and 500 < int(s4["t"]) < 700, s4["t"]
     assert s4["alpha-bar-t"] != before["alpha-bar-t"] and s4["xt"] != before["xt"], "the noised image did not change"
     _check_state_matches_library(s4)
 
     # 6. the image: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with the embedded x0 and eps
-    payload = json.loads(browser.execute_script("return document.getElementById(arguments[0]).textContent",
-                                                rid + "-data"))
+    payload = _payload(browser, rid)
     ab = float(s4["alpha-bar-t"])
     x0, eps = np.array(payload["image"]["x0"]), np.array(payload["image"]["eps"])
     expected = float(np.sum(np.sqrt(ab) * x0 + np.sqrt(1 - ab) * eps))
@@ -503,10 +518,7 @@ def test_schedule_sliders_redraw_and_equal_ddpm_lib(site, server, browser, shots
     be = browser.find_element(By.ID, rid + "-beta-end")
     before = _state(browser, rid)
     be.send_keys(Keys.ARROW_LEFT * 2)
-    end = time.time() + 5
-    while _state(browser, rid)["beta-end"] == before["beta-end"] and time.time() < end:
-        time.sleep(0.05)
-    s5 = _state(browser, rid)
+    s5 = _wait_for(browser, rid, lambda st: st["beta-end"] != before["beta-end"])
     assert s5["beta-end"] != before["beta-end"] and s5["abarPoints"] != before["abarPoints"]
     _check_state_matches_library(s5)
 
@@ -530,16 +542,11 @@ def test_chain_slider_scrubs_the_reverse_chain(site, server, browser, shots):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    pages = _pages_with(site, "chain-scrubber")
-    assert pages, "no page of the site holds a ddpm_lib.web.chain_scrubber figure (chapter 8 should)"
-    page = pages[0]
-    info = _load(browser, server, page)
-    assert not info["errors"], info["errors"]
-    root = browser.find_elements(By.CSS_SELECTOR, '[data-ddpm-widget="chain-scrubber"]')[0]
+    page, roots = _open_figure(browser, server, site, "chain-scrubber", "chapter 8")
+    root = roots[0]
     rid = root.get_attribute("id")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", root)
-    frames = json.loads(browser.execute_script("return document.getElementById(arguments[0]).textContent",
-                                               rid + "-data"))["frames"]
+    frames = _payload(browser, rid)["frames"]
     assert len(frames) >= 2
     src = lambda: browser.find_element(By.ID, rid + "-xt").get_attribute("src")  # noqa: E731
     assert root.get_attribute("data-frame") == "0" and root.get_attribute("data-t") == str(frames[0]["t"])
