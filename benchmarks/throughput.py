@@ -354,6 +354,7 @@ class Run:
     def device_info(self) -> None:
         r = self.results
         r["size"] = self.args.size
+        r["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
         r["torch"] = torch.__version__
         r["python"] = platform.python_version()
         r["cpu_count"] = os.cpu_count()

@@ -59,3 +59,88 @@ def test_benchmark_rejects_unknown_modes(tmp_path):
     with pytest.raises(SystemExit, match="unknown modes"):
         bench.main(["--device", "cpu", "--size", "tiny", "--json-path", str(tmp_path / "x.json"),
                     "--modes", "ours:warp-speed"])
+
+
+# --------------------------------------------------------------------------- gpu_run.sh and record.py
+RECORD = SCRIPT.parent / "record.py"
+GPU_RUN = SCRIPT.parent / "gpu_run.sh"
+DOCS = [SCRIPT.parent / "RESULTS.md", SCRIPT.parents[1] / "book" / "gpu_speed.md"]
+
+
+def _load_record():
+    spec = importlib.util.spec_from_file_location("ddpm_record_benchmark", RECORD)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """benchmarks/gpu_run.sh end to end, on the CPU at the tiny size (two modes): (result JSON, its output)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("gpu_run")
+    env = dict(os.environ, OUT=str(out), DEVICE="cpu", SIZE="tiny", MODES="ours:fp32,diffusers:fp32", BUDGET="40",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(["bash", str(GPU_RUN)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out / "cpu-tiny.json", proc.stdout
+
+
+def test_record_documents_hold_one_measured_section():
+    record = _load_record()
+    for doc in DOCS:
+        text = doc.read_text()
+        assert text.count(record.BEGIN) == 1 and text.count(record.END) == 1, doc
+        assert text.index(record.BEGIN) < text.index(record.END), doc
+
+
+def test_gpu_run_prints_the_recorded_section(tiny_run):
+    path, printed = tiny_run
+    data = json.loads(path.read_text())
+    assert data["card"] == "cpu" and data["complete"] is True and data["date_utc"]
+    assert "the section benchmarks/record.py writes from cpu-tiny.json" in printed
+    assert f"| ddpm_lib | `fp32` | {data['train_images_per_s']:,.0f} |" in printed
+
+
+def test_record_writes_sections_from_the_json(tiny_run, tmp_path):
+    record = _load_record()
+    path, _ = tiny_run
+    data = json.loads(path.read_text())
+    docs = []
+    for doc in DOCS:
+        copy = tmp_path / doc.name
+        copy.write_text(doc.read_text())
+        docs.append(copy)
+    # a CPU run is refused for the real documents; nothing is written
+    assert record.main([str(path), "--docs", *map(str, docs)]) == 2
+    assert [d.read_text() for d in docs] == [d.read_text() for d in DOCS]
+    # accepted for a test: both documents get the same section, the text around it is kept
+    assert record.main([str(path), "--docs", *map(str, docs), "--allow-cpu",
+                        "--copy-to", str(tmp_path / "results")]) == 0
+    assert (tmp_path / "results" / "cpu-tiny.json").read_text() == path.read_text()
+    section = record.render(data)
+    for doc, orig in zip(docs, DOCS):
+        text, old = doc.read_text(), orig.read_text()
+        assert section in text and "Not measured yet" not in text
+        assert text[: text.index(record.BEGIN)] == old[: old.index(record.BEGIN)]
+        assert text[text.index(record.END):] == old[old.index(record.END):]
+    assert f"{data['train_ratio_vs_diffusers']:.2f}×" in section or not data["diffusers_best_train_images_per_s"]
+    assert "--out" not in section and str(tmp_path) not in section  # no machine paths in the documents
+    assert "--size tiny" in section and "say nothing about the CIFAR-10 model" in section
+    # running it again replaces the section instead of adding one
+    assert record.main([str(path), "--docs", *map(str, docs), "--allow-cpu"]) == 0
+    assert docs[0].read_text().count(record.BEGIN) == 1
+
+
+def test_record_rejects_bad_input(tmp_path):
+    record = _load_record()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"card": "nvidia-h100"}))
+    assert record.main([str(bad), "--print"]) == 2
+    with pytest.raises(ValueError, match="exactly one"):
+        record.replace_section("no markers here", "x")
+    assert record.public_command("python t.py --device cuda --out /tmp/x --json-path=/a/b.json --size full") == \
+        "python t.py --device cuda --size full"

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole GPU comparison in one call on the device machine (see benchmarks/RESULTS.md):
+#   install the carried wheels (.whl/*.whl: diffusers and importlib_metadata), run throughput.py on CUDA,
+#   and print the Markdown section that benchmarks/record.py would write from the result.
+# Environment: OUT (where the JSON and the log go; default /tmp/ddpm-bench), BUDGET (seconds, default 330);
+# for a check of this script on a CPU (tests/test_benchmark.py): DEVICE=cpu SIZE=tiny MODES=ours:fp32,...
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/ddpm-bench}
+BUDGET=${BUDGET:-330}
+DEVICE=${DEVICE:-cuda}
+SIZE=${SIZE:-}
+MODES=${MODES:-}
+extra=(); record_extra=()
+[ -n "$SIZE" ] && extra+=(--size "$SIZE")
+[ -n "$MODES" ] && extra+=(--modes "$MODES")
+[ "$DEVICE" = cpu ] && record_extra+=(--allow-cpu)
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "gpu_run.sh: installing .whl/*.whl failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+  echo "gpu_run.sh: no .whl/*.whl carried; diffusers must already be installed" >&2
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import diffusers; print('diffusers', diffusers.__version__)" \
+  || echo "gpu_run.sh: WARNING: diffusers does not import; the run will have no baseline" >&2
+[ "$DEVICE" = cuda ] && { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; }
+set -o pipefail
+PYTHONUNBUFFERED=1 python3 benchmarks/throughput.py --device "$DEVICE" --budget-s "$BUDGET" --out "$OUT" \
+  "${extra[@]}" 2>&1 \
+  | tee "$OUT/throughput.log"
+rc=$?
+json=$(ls -t "$OUT"/*.json 2>/dev/null | head -1)
+if [ -n "$json" ]; then
+  echo
+  echo "=== the section benchmarks/record.py writes from $(basename "$json") ==="
+  python3 benchmarks/record.py "$json" --print "${record_extra[@]}"
+fi
+exit $rc

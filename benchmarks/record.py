@@ -1,0 +1,246 @@
+"""Put the results of one ``throughput.py`` run into the documents that quote them.
+
+``throughput.py`` writes one JSON file per run (``benchmarks/results/<card>.json``). This script turns that
+file into a Markdown section (the table of every mode, the two ratios against their targets, the
+correctness checks of the same run, the projected sampling times) and writes it between the markers
+
+    <!-- measured:begin -->
+    ...
+    <!-- measured:end -->
+
+of ``benchmarks/RESULTS.md`` and of the book's GPU-speed page (``book/gpu_speed.md``), so the figures in
+the documents are always the figures of a file in ``benchmarks/results/``. Nothing is typed by hand.
+
+    python benchmarks/record.py benchmarks/results/nvidia-h100-80gb-hbm3.json
+    python benchmarks/record.py RUN.json --print              # only print the section
+    python benchmarks/record.py RUN.json --copy-to benchmarks/results   # copy the JSON there first
+
+A CPU run (``--size tiny``, what CI runs) says nothing about a GPU; it is refused unless ``--allow-cpu``
+(for tests).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "benchmarks" / "RESULTS.md", ROOT / "book" / "gpu_speed.md"]
+BEGIN, END = "<!-- measured:begin -->", "<!-- measured:end -->"
+REQUIRED = ["card", "torch", "train_images_per_s", "infer_images_per_s", "diffusers_best_train_images_per_s",
+            "diffusers_best_infer_images_per_s", "train_ratio_vs_diffusers", "infer_ratio_vs_diffusers", "modes"]
+BASELINE_MODES = ("fp32", "bf16_cl", "bf16_cl_compile")
+
+
+def _n(v: Optional[float], fmt: str = "{:,.0f}") -> str:
+    return fmt.format(v) if isinstance(v, (int, float)) and v else "-"
+
+
+def _duration(sec: Optional[float]) -> str:
+    if not sec:
+        return "-"
+    return f"{sec / 60:.1f} min" if sec < 3600 else f"{sec / 3600:.2f} h"
+
+
+def _tflops(rate: Optional[float], mult: int, gflop: Optional[float], peak: Optional[float]) -> str:
+    if not (rate and gflop):
+        return "-"
+    v = rate * mult * gflop / 1e3
+    return f"{v:.3g} ({100 * v / peak:.0f} %)" if peak else f"{v:.3g}"
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+    return f"{a / b:.2f}×" if a and b else "-"
+
+
+def _verdict(ratio: Optional[float], target: float) -> str:
+    if not ratio:
+        return "not measured"
+    return f"target {target}×: **met**" if ratio >= target else f"target {target}×: **not met**"
+
+
+def public_command(command: str) -> str:
+    """``command`` without the machine's own paths (the values of ``--out`` and ``--json-path``)."""
+    words, out, skip = command.split(), [], False
+    for w in words:
+        if skip:
+            skip = False
+            continue
+        if w in ("--out", "--json-path"):
+            skip = True
+            continue
+        if w.startswith(("--out=", "--json-path=")):
+            continue
+        out.append(w)
+    return " ".join(out)
+
+
+def check(data: Dict[str, Any], allow_cpu: bool = False) -> None:
+    """Raise ValueError if ``data`` is not a complete-enough result of ``throughput.py`` on a GPU."""
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise ValueError(f"not a throughput.py result: missing {missing}")
+    if data["card"] == "cpu" and not allow_cpu:
+        raise ValueError("this is a CPU run (the CI check at a tiny size); it says nothing about a GPU. "
+                         "Record a run of `throughput.py --device cuda` (or pass --allow-cpu for a test)")
+    if not data["train_images_per_s"] and not data["infer_images_per_s"]:
+        raise ValueError("the run measured no rate of ddpm_lib; nothing to record")
+
+
+def render(data: Dict[str, Any], json_name: Optional[str] = None) -> str:
+    """The Markdown section for one run (no markers)."""
+    d = data
+    gflop, peak = d.get("forward_gflop_per_image"), d.get("matmul_peak_tflops")
+    st = d.get("settings", {})
+    tb, ib = st.get("train_batch", "?"), st.get("infer_batch", "?")
+    name = d.get("device_name") or d["card"]
+    json_name = json_name or f"{d['card'] if d.get('size', 'full') == 'full' else d['card'] + '-' + d['size']}.json"
+    versions = [f"PyTorch {d['torch']}"]
+    for key, label in (("cuda", "CUDA"), ("cudnn", "cuDNN"), ("triton", "Triton"), ("python", "Python")):
+        if d.get(key):
+            versions.append(f"{label} {d[key]}")
+    if d.get("diffusers"):
+        versions.append(str(d["diffusers"]))
+    card_bits = [b for b in (f"{d['memory_gib']} GiB" if d.get("memory_gib") else "",
+                             f"compute capability {d['capability']}" if d.get("capability") else "") if b]
+    out: List[str] = []
+    out.append(f"Measured on one **{name}**" + (f" ({', '.join(card_bits)})" if card_bits else "")
+               + (f", {d['date_utc']} UTC" if d.get("date_utc") else "") + ", in one run: "
+               + ", ".join(versions) + ".")
+    out.append("")
+    if d.get("command"):
+        out.append(f"Command: `{public_command(d['command'])}`. Raw numbers: `benchmarks/results/{json_name}`.")
+        out.append("")
+    if d.get("size", "full") != "full":
+        out.append(f"**This is a `--size {d['size']}` run: a small network, not the paper's. Its rates say "
+                   "nothing about the CIFAR-10 model.**")
+        out.append("")
+    out.append(f"| network | mode | train img/s (batch {tb}) | train TFLOP/s (% of peak) | × diffusers | "
+               f"inference img/s (batch {ib}) | inference TFLOP/s (% of peak) | × diffusers | compile s (train/inf) |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    dt, di = d["diffusers_best_train_images_per_s"], d["diffusers_best_infer_images_per_s"]
+    notes: List[str] = []
+    info_only = False
+    for r in sorted(d["modes"], key=lambda r: (r["network"] != "ours", r["mode"])):
+        tr, inf = r.get("train_images_per_s"), r.get("infer_images_per_s")
+        mode = f"`{r['mode']}`"
+        if r["network"] == "diffusers" and r["mode"] not in BASELINE_MODES:
+            mode += "*"
+            info_only = True
+        net = "ddpm_lib" if r["network"] == "ours" else r["network"]
+        comp = f"{r.get('train_compile_s', '-')}/{r.get('infer_compile_s', '-')}"
+        out.append(f"| {net} | {mode} | {_n(tr)} | {_tflops(tr, 3, gflop, peak)} | {_ratio(tr, dt)} | {_n(inf)} | "
+                   f"{_tflops(inf, 1, gflop, peak)} | {_ratio(inf, di)} | {comp} |")
+        for what in ("train_error", "infer_error"):
+            if r.get(what):
+                notes.append(f"{net} `{r['mode']}` {what.split('_')[0]}: {str(r[what])[:200]}")
+    out.append("")
+    if info_only:
+        out.append("\\* For information only: not among the modes diffusers' baseline is taken over "
+                   "(`fp32`, `bf16_cl`, `bf16_cl_compile`).")
+        out.append("")
+    tr_ratio, inf_ratio = d["train_ratio_vs_diffusers"], d["infer_ratio_vs_diffusers"]
+    targets = d.get("targets", {"train_ratio": 2.0, "infer_ratio": 1.5})
+    out.append(f"- **Training:** ddpm_lib {_n(d['train_images_per_s'])} images/s (`{d.get('train_best_mode')}`) "
+               f"against diffusers' best {_n(dt)} (`{d.get('diffusers_best_train_mode')}`): "
+               f"**{_n(tr_ratio, '{:.2f}')}×** ({_verdict(tr_ratio, targets['train_ratio'])}).")
+    out.append(f"- **Inference:** ddpm_lib {_n(d['infer_images_per_s'])} images/s (`{d.get('infer_best_mode')}`) "
+               f"against diffusers' best {_n(di)} (`{d.get('diffusers_best_infer_mode')}`): "
+               f"**{_n(inf_ratio, '{:.2f}')}×** ({_verdict(inf_ratio, targets['infer_ratio'])}).")
+    for what in ("train", "infer"):
+        lack = d.get(f"diffusers_baseline_missing_{what}")
+        if lack:
+            out.append(f"- Warning: diffusers' {what} baseline lacks {', '.join(lack)}, so the {what} ratio is "
+                       "not yet the one the issue defines.")
+    if gflop:
+        out.append(f"- Arithmetic: {gflop:.2f} GFLOP per forward pass and image (2 per multiply-add), training "
+                   f"3× that; the peak is a matrix product measured in the same run: {_n(peak, '{:.3g}')} TFLOP/s "
+                   f"({d.get('matmul_peak_note', '')}).")
+    c = d.get("correctness")
+    if c:
+        parts = []
+        if "fast_vs_fp32_rel_err" in c:
+            parts.append(f"the fast path against float32 eager, relative error {c['fast_vs_fp32_rel_err']:.1e}")
+        if "ours_fp32_vs_diffusers_fp32_rel_err" in c:
+            parts.append(f"ddpm_lib against diffusers in float32 with the same weights, "
+                         f"{c['ours_fp32_vs_diffusers_fp32_rel_err']:.1e}")
+        out.append(f"- Same outputs, checked in the same run: {'; '.join(parts)} "
+                   f"({c.get('tolerance', '')}; {'passed' if c.get('ok') else '**failed**'}).")
+    lc = d.get("loss_curve_check")
+    if lc and "error" not in lc:
+        out.append(f"- Same loss curve: {lc['steps']} training steps of the fast step"
+                   f"{' (replayed from its CUDA graph)' if lc.get('fast_step_graphed') else ''} against the float32 "
+                   f"eager step from the same start and draws: first step {100 * lc['first_step_rel_diff']:.2f} % "
+                   f"apart, mean of the last quarter {lc['last_quarter_mean_fast']} against "
+                   f"{lc['last_quarter_mean_plain']} ({100 * lc['last_quarter_rel_diff']:.2f} % apart).")
+    elif lc:
+        out.append(f"- Loss-curve check not done: {lc['error']}")
+    if d.get("projected_50k_samples_ddpm1000_s"):
+        line = (f"- Projected time for 50,000 CIFAR-10 samples (network forwards only, at batch {ib}, from the best "
+                f"inference rate): DDPM with 1000 steps {_duration(d['projected_50k_samples_ddpm1000_s'])}, "
+                f"DDIM-50 {_duration(d['projected_50k_samples_ddim50_s'])}")
+        if d.get("diffusers_projected_50k_samples_ddpm1000_s"):
+            line += (f"; with diffusers' best {_duration(d['diffusers_projected_50k_samples_ddpm1000_s'])} and "
+                     f"{_duration(d['diffusers_projected_50k_samples_ddim50_s'])}")
+        out.append(line + ".")
+    if not d.get("complete", True):
+        out.append("- The run stopped before every mode had finished (`complete: false` in the JSON).")
+    for n in notes:
+        out.append(f"- {n}")
+    return "\n".join(out)
+
+
+def replace_section(text: str, section: str, where: str = "document") -> str:
+    """``text`` with the part between the markers replaced by ``section``; ValueError without the markers."""
+    i, j = text.find(BEGIN), text.find(END)
+    if i < 0 or j < 0 or j < i or text.count(BEGIN) != 1 or text.count(END) != 1:
+        raise ValueError(f"{where} needs exactly one {BEGIN} ... {END} pair")
+    return text[: i + len(BEGIN)] + "\n" + section.strip() + "\n" + text[j:]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", type=Path, help="a result of benchmarks/throughput.py")
+    ap.add_argument("--docs", type=Path, nargs="*", default=DOCS,
+                    help="documents whose measured section is replaced (default: RESULTS.md and the book's page)")
+    ap.add_argument("--copy-to", type=Path, default=None,
+                    help="copy the JSON into this folder first (e.g. benchmarks/results)")
+    ap.add_argument("--print", dest="only_print", action="store_true", help="print the section, change nothing")
+    ap.add_argument("--allow-cpu", action="store_true", help="accept a CPU run (tests only)")
+    args = ap.parse_args(argv)
+    data = json.loads(args.json.read_text())
+    try:
+        check(data, allow_cpu=args.allow_cpu)
+    except ValueError as exc:
+        print(f"record.py: {exc}", file=sys.stderr)
+        return 2
+    section = render(data, json_name=args.json.name if args.copy_to is None else None)
+    if args.only_print:
+        print(section)
+        return 0
+    if args.copy_to is not None:
+        args.copy_to.mkdir(parents=True, exist_ok=True)
+        target = args.copy_to / args.json.name
+        if target.resolve() != args.json.resolve():
+            shutil.copyfile(args.json, target)
+        section = render(data, json_name=target.name)
+        print(f"copied {args.json} -> {target}")
+    new = {}
+    for doc in args.docs:  # check every document before writing any
+        try:
+            new[doc] = replace_section(doc.read_text(), section, str(doc))
+        except (OSError, ValueError) as exc:
+            print(f"record.py: {exc}", file=sys.stderr)
+            return 2
+    for doc, text in new.items():
+        doc.write_text(text)
+        print(f"updated {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
