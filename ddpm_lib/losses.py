@@ -48,7 +48,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     """A fast approximation of the standard normal CDF (the one the official DDPM code uses).
 
-    ``0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))``; absolute error below 3e-4.
+    ``0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))``; absolute error at most 1.8e-4 (near |x| = 2.6).
     """
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
