@@ -59,8 +59,9 @@ class VPSDE:
     """The variance-preserving SDE ``dx = -1/2 beta(t) x dt + sqrt(beta(t)) dW`` on t in [0, 1]
     (book ``eq-vp-sde``), with the linear ``beta(t) = beta_min + t (beta_max - beta_min)``.
 
-    It is the limit T -> infinity of DDPM's chain with ``beta_i = beta(t_i) / T`` at ``t_i = (i+1)/T``;
-    the paper's linear schedule (1e-4 .. 0.02 at T = 1000, scaled by 1000/T otherwise) gives
+    It is the limit T -> infinity of DDPM's chain: the linear schedule has exactly
+    ``beta_i = beta(i / (T - 1)) / T`` for code index ``i``, which sits at ``t_i = (i+1)/T``, so
+    ``beta_i = beta(t_i) / T + O(1/T^2)``; the paper's linear schedule (1e-4 .. 0.02 at T = 1000, scaled by 1000/T otherwise) gives
     ``beta_min = 0.1`` and ``beta_max = 20`` (:meth:`from_diffusion`).
 
     Methods accept ``t`` as a float or a tensor and return the same kind (float64 for floats).
