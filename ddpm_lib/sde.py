@@ -61,8 +61,8 @@ class VPSDE:
 
     It is the limit T -> infinity of DDPM's chain: the linear schedule has exactly
     ``beta_i = beta(i / (T - 1)) / T`` for code index ``i``, which sits at ``t_i = (i+1)/T``, so
-    ``beta_i = beta(t_i) / T + O(1/T^2)``; the paper's linear schedule (1e-4 .. 0.02 at T = 1000, scaled by 1000/T otherwise) gives
-    ``beta_min = 0.1`` and ``beta_max = 20`` (:meth:`from_diffusion`).
+    ``beta_i = beta(t_i) / T + O(1/T^2)``; the paper's linear schedule (1e-4 .. 0.02 at T = 1000,
+    scaled by 1000/T otherwise) gives ``beta_min = 0.1`` and ``beta_max = 20`` (:meth:`from_diffusion`).
 
     Methods accept ``t`` as a float or a tensor and return the same kind (float64 for floats).
     """
