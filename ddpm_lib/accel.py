@@ -7,7 +7,9 @@ float32 average); only the arithmetic of the forward and backward passes runs in
 ==================  ==========  ===================================================================
 option              default     meaning
 ==================  ==========  ===================================================================
-``bf16``            ``"auto"``  bfloat16 autocast (on for CUDA)
+``bf16``            ``"auto"``  bfloat16 autocast (on for CUDA GPUs with native bf16, compute
+                                capability 8.0 or newer: A100, H100, L4, RTX 30xx; off on a T4 or
+                                V100, where bf16 is emulated and slower than float32)
 ``channels_last``   ``"auto"``  NHWC memory format for weights and activations (on for CUDA)
 ``compile``         ``"auto"``  ``torch.compile`` (on for CUDA when Triton is there); any failure
                                 of the compiler warns once and the model runs eagerly
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "bf16_native",
     "compile_available",
     "prepare_model",
     "FastModel",
@@ -73,6 +76,22 @@ def _as_device(device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def bf16_native(device) -> bool:
+    """Whether ``device`` runs bfloat16 arithmetic natively: a CUDA GPU of compute capability 8.0 or newer.
+
+    Older GPUs (a free Colab T4 is 7.5, a V100 7.0) accept bfloat16 tensors, but cuDNN and cuBLAS run
+    them through slow fallbacks, so ``bf16="auto"`` leaves them in float32. Not CUDA: False.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        major, _ = torch.cuda.get_device_capability(device)
+    except Exception:  # noqa: BLE001 - no usable device: no bf16
+        return False
+    return major >= 8
 
 
 def compile_available(device) -> Tuple[bool, str]:
@@ -202,7 +221,8 @@ def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channel
         model: the network, called as ``model(x, t, **kwargs)``. It is moved and converted **in place**
             (``.to(device).float()``, ``channels_last``); the returned :class:`FastModel` wraps it.
         device: default: the device of ``model``'s parameters.
-        bf16, channels_last: True, False or ``"auto"`` (on for CUDA).
+        bf16: True, False or ``"auto"`` (on for CUDA GPUs with native bf16, :func:`bf16_native`).
+        channels_last: True, False or ``"auto"`` (on for CUDA).
         compile: True, False or ``"auto"`` (on for CUDA when :func:`compile_available`). A model that
             cannot be compiled runs eagerly after one ``RuntimeWarning``; it never raises.
         compile_mode: ``torch.compile``'s ``mode`` (None: default; ``"max-autotune-no-cudagraphs"``
@@ -219,7 +239,7 @@ def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channel
             device = torch.device("cpu")
     device = _as_device(device)
     cuda = device.type == "cuda"
-    use_bf16 = _resolve(bf16, "bf16", cuda)
+    use_bf16 = _resolve(bf16, "bf16", cuda and bf16_native(device))
     use_cl = _resolve(channels_last, "channels_last", cuda)
     ok, why = compile_available(device)
     use_compile = _resolve(compile, "compile", cuda and ok)

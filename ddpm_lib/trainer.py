@@ -17,7 +17,8 @@ option               paper        meaning
 ===================  ===========  ===============================================================
 
 Dropout is the model's own (0.1 in the paper's CIFAR-10 network). On CUDA the step runs under bfloat16
-autocast with float32 master weights, in ``channels_last`` memory format, with fused Adam, optionally
+autocast with float32 master weights (on GPUs with native bf16, compute capability 8.0 or newer; a T4
+or V100 trains in float32), in ``channels_last`` memory format, with fused Adam, optionally
 under ``torch.compile``; the data set is moved to the GPU once and batches are drawn there by index,
 so the loop never waits for the host.
 
@@ -71,6 +72,7 @@ import torch
 from torch import nn
 
 from .diffusion import GaussianDiffusion
+from .accel import bf16_native
 from .ema import EMA
 
 __all__ = [
@@ -118,7 +120,8 @@ class TrainConfig:
     """The training options; the defaults are the paper's (Ho et al. 2020, appendix B).
 
     See the module docstring for what each means. ``bf16``, ``channels_last``, ``fused`` and
-    ``data_on_device`` accept ``"auto"`` (on for CUDA, off elsewhere); ``compile`` is ``False``,
+    ``data_on_device`` accept ``"auto"`` (on for CUDA, off elsewhere; ``bf16`` only on GPUs with native
+    bfloat16, see :func:`ddpm_lib.accel.bf16_native`); ``compile`` is ``False``,
     ``True`` or ``"auto"`` (try ``torch.compile`` on CUDA and fall back to eager on any failure).
     ``sample_every``/``save_every``/``log_every`` of ``0`` or None switch the action off (a
     checkpoint is still written at the end when there is an ``out_dir``).
@@ -577,7 +580,7 @@ class Trainer:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         cuda = self.device.type == "cuda"
-        self.use_bf16 = _resolve_auto(config.bf16, cuda)
+        self.use_bf16 = _resolve_auto(config.bf16, cuda and bf16_native(self.device))
         self.use_channels_last = _resolve_auto(config.channels_last, cuda)
         self.diffusion = diffusion
         self.out_dir = None if out_dir is None else Path(out_dir).expanduser()

@@ -96,6 +96,21 @@ def test_defaults_on_cpu_are_the_plain_path():
         accel.prepare_model(_tiny(), "cpu", bf16="yes")
 
 
+def test_bf16_auto_only_on_gpus_with_native_bf16(monkeypatch):
+    """A free Colab T4 (compute capability 7.5) emulates bf16 slowly: "auto" must leave it in float32."""
+    assert not accel.bf16_native("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, native in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert accel.bf16_native("cuda:0") is native, capability
+
+    def no_device(device=None):
+        raise RuntimeError("no CUDA GPUs are available")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_device)
+    assert not accel.bf16_native("cuda:0")
+
+
 # ---------------------------------------------------------------------------------------------- one step
 def _reference_steps(model, diffusion, batches, seed, lr=2e-4, clip=1.0, decay=0.9):
     """Algorithm 1 written out plainly: the step make_train_step must equal in float32."""

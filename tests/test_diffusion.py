@@ -132,6 +132,20 @@ def test_normal_kl_matches_torch_distributions():
     assert normal_kl(m1, lv1, m1, lv1).abs().max() < 1e-12
 
 
+def test_normal_kl_keeps_float32_precision_for_nearly_equal_variances():
+    # the prior term: d = log(1 - abar_T) ~ -4e-5; the textbook form cancels to ~1e-3 relative in float32
+    d64 = torch.tensor([1e-7, -4.0359e-5, 1e-3, -0.05, 0.0999, 0.1001, 0.7, -3.0], dtype=torch.float64)
+    ref = 0.5 * (torch.expm1(d64) - d64)
+    zero = torch.zeros(len(d64))
+    ours = normal_kl(zero, d64.float(), zero, zero).double()
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=0), (ours / ref - 1)
+    # the gradient is finite on both sides of the series' range
+    lv = d64.float().clone().requires_grad_(True)
+    normal_kl(zero, lv, zero, zero).sum().backward()
+    assert torch.isfinite(lv.grad).all()
+    assert torch.allclose(lv.grad.double(), 0.5 * torch.expm1(d64), rtol=1e-5, atol=1e-12)
+
+
 def test_discretized_gaussian_log_likelihood_matches_scipy():
     grid = torch.linspace(-1, 1, 256, dtype=torch.float64)
     for mean, log_scale in [(0.0, math.log(0.1)), (0.3, math.log(0.02)), (-0.95, math.log(0.5))]:
