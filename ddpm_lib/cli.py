@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     h = t.add_argument_group("hardware")
     h.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
     h.add_argument("--bf16", type=_auto_bool, default=None, metavar="on|off|auto",
-                   help="bfloat16 autocast with float32 master weights [auto: on with CUDA]")
+                   help="bfloat16 autocast with float32 master weights "
+                        "[auto: on CUDA GPUs with native bf16, compute capability 8.0+]")
     h.add_argument("--channels-last", type=_auto_bool, default=None, metavar="on|off|auto",
                    help="channels_last memory format [auto: on with CUDA]")
     h.add_argument("--compile", type=_auto_bool, default=None, metavar="on|off|auto",
