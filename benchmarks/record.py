@@ -32,7 +32,6 @@ DOCS = [ROOT / "benchmarks" / "RESULTS.md", ROOT / "book" / "gpu_speed.md"]
 BEGIN, END = "<!-- measured:begin -->", "<!-- measured:end -->"
 REQUIRED = ["card", "torch", "train_images_per_s", "infer_images_per_s", "diffusers_best_train_images_per_s",
             "diffusers_best_infer_images_per_s", "train_ratio_vs_diffusers", "infer_ratio_vs_diffusers", "modes"]
-BASELINE_MODES = ("fp32", "bf16_cl", "bf16_cl_compile")
 
 
 def _n(v: Optional[float], fmt: str = "{:,.0f}") -> str:
@@ -90,14 +89,13 @@ def check(data: Dict[str, Any], allow_cpu: bool = False) -> None:
         raise ValueError("the run measured no rate of ddpm_lib; nothing to record")
 
 
-def render(data: Dict[str, Any], json_name: Optional[str] = None) -> str:
-    """The Markdown section for one run (no markers)."""
+def render(data: Dict[str, Any], json_name: str) -> str:
+    """The Markdown section for one run (no markers); ``json_name``: its file in ``benchmarks/results/``."""
     d = data
     gflop, peak = d.get("forward_gflop_per_image"), d.get("matmul_peak_tflops")
     st = d.get("settings", {})
     tb, ib = st.get("train_batch", "?"), st.get("infer_batch", "?")
     name = d.get("device_name") or d["card"]
-    json_name = json_name or f"{d['card'] if d.get('size', 'full') == 'full' else d['card'] + '-' + d['size']}.json"
     versions = [f"PyTorch {d['torch']}"]
     for key, label in (("cuda", "CUDA"), ("cudnn", "cuDNN"), ("triton", "Triton"), ("python", "Python")):
         if d.get(key):
@@ -127,7 +125,7 @@ def render(data: Dict[str, Any], json_name: Optional[str] = None) -> str:
     for r in sorted(d["modes"], key=lambda r: (r["network"] != "ours", r["mode"])):
         tr, inf = r.get("train_images_per_s"), r.get("infer_images_per_s")
         mode = f"`{r['mode']}`"
-        if r["network"] == "diffusers" and r["mode"] not in BASELINE_MODES:
+        if r["network"] == "diffusers" and not r.get("counts_for_diffusers_baseline", True):
             mode += "*"
             info_only = True
         net = "ddpm_lib" if r["network"] == "ours" else r["network"]
@@ -139,8 +137,8 @@ def render(data: Dict[str, Any], json_name: Optional[str] = None) -> str:
                 notes.append(f"{net} `{r['mode']}` {what.split('_')[0]}: {str(r[what])[:200]}")
     out.append("")
     if info_only:
-        out.append("\\* For information only: not among the modes diffusers' baseline is taken over "
-                   "(`fp32`, `bf16_cl`, `bf16_cl_compile`).")
+        base = ", ".join(f"`{r['mode']}`" for r in d["modes"] if r.get("counts_for_diffusers_baseline"))
+        out.append(f"\\* For information only: not among the modes diffusers' baseline is taken over ({base}).")
         out.append("")
     tr_ratio, inf_ratio = d["train_ratio_vs_diffusers"], d["infer_ratio_vs_diffusers"]
     targets = d.get("targets", {"train_ratio": 2.0, "infer_ratio": 1.5})
@@ -218,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         print(f"record.py: {exc}", file=sys.stderr)
         return 2
-    section = render(data, json_name=args.json.name if args.copy_to is None else None)
+    section = render(data, json_name=args.json.name)
     if args.only_print:
         print(section)
         return 0
@@ -227,7 +225,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         target = args.copy_to / args.json.name
         if target.resolve() != args.json.resolve():
             shutil.copyfile(args.json, target)
-        section = render(data, json_name=target.name)
         print(f"copied {args.json} -> {target}")
     new = {}
     for doc in args.docs:  # check every document before writing any

@@ -121,7 +121,7 @@ def test_record_writes_sections_from_the_json(tiny_run, tmp_path):
     assert record.main([str(path), "--docs", *map(str, docs), "--allow-cpu",
                         "--copy-to", str(tmp_path / "results")]) == 0
     assert (tmp_path / "results" / "cpu-tiny.json").read_text() == path.read_text()
-    section = record.render(data)
+    section = record.render(data, path.name)
     for doc, orig in zip(docs, DOCS):
         text, old = doc.read_text(), orig.read_text()
         assert section in text and "Not measured yet" not in text
