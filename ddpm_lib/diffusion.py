@@ -179,7 +179,7 @@ class GaussianDiffusion:
     def _check_t(self, t: torch.Tensor, batch: int) -> None:
         if not torch.is_tensor(t):
             raise TypeError(f"t must be an integer tensor of shape (batch,), got {type(t).__name__}")
-        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
             raise TypeError(f"t must be an integer tensor, got dtype {t.dtype}")
         if t.shape != (batch,):
             raise ValueError(f"t must have shape ({batch},) to match the batch, got {tuple(t.shape)}")

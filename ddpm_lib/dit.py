@@ -327,7 +327,7 @@ class DiT(nn.Module):
             raise ValueError(f"x must have shape (batch, {', '.join(map(str, want))}), got {tuple(x.shape)}")
         if not torch.is_tensor(t):
             raise TypeError(f"t must be an integer tensor of shape (batch,), got {type(t).__name__}")
-        if t.dtype == torch.bool or t.is_complex():
+        if t.dtype == torch.bool or t.dtype.is_complex:
             raise TypeError(f"t must be an integer (or real) tensor, got dtype {t.dtype}")
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape ({x.shape[0]},) to match x, got {tuple(t.shape)}")
