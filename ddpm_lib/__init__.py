@@ -6,7 +6,7 @@ departure is a named option. Timesteps are 0-based in code (0..T-1 is the paper'
 The paper: ``schedules`` (betas), ``diffusion`` (GaussianDiffusion: forward process, posterior,
 reverse step, losses, the bound in bits/dim), ``samplers`` (DDPM, DDIM), ``unet`` (the network),
 ``data``, ``trainer``, ``metrics``, ``pretrained`` (the shipped checkpoint), ``cli``.
-The follow-ups of chapter 11: ``respace``, ``guidance``, ``autoencoder``, ``sde``, ``flow``, ``dit``.
+The follow-ups of chapter 11: ``respacing``, ``guidance``, ``autoencoder``, ``sde``, ``flow``, ``dit``.
 Support: ``config`` (quick mode), ``nn``, ``toy``, ``distances``, ``losses``, ``ema``, ``accel``
 (the GPU fast path), ``web`` (figures that run in the static web book).
 """
@@ -47,7 +47,7 @@ from .trainer import (
 )
 from .pretrained import load_pretrained, pretrained_path
 # chapter 11
-from .respace import RespacedModel, respace, space_timesteps
+from .respacing import RespacedModel, respace, space_timesteps
 from .guidance import ClassifierGuidedModel, NoisyClassifier, classifier_guided_eps
 from .autoencoder import Autoencoder, train_autoencoder
 from .sde import VPSDE, ConsistencyModel, dopri5, ode_log_likelihood, score_from_eps

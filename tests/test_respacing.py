@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ddpm_lib import GaussianDiffusion, ToyMLP, ddpm_sample
-from ddpm_lib.respace import RespacedModel, respace, space_timesteps
+from ddpm_lib.respacing import RespacedModel, respace, space_timesteps
 
 
 def test_space_timesteps():
