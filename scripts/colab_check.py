@@ -66,15 +66,34 @@ def _package_source(dest: Path) -> Path:
     return dest
 
 
+def _can_build_here() -> bool:
+    """Whether this environment can build the wheel itself (no download of the build backend): setuptools
+    >= 64 (pyproject.toml's floor) with ``bdist_wheel``, built in from setuptools 70.1 on, else from ``wheel``."""
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    try:
+        version = tuple(int(p) for p in setuptools.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    if version < (64, 0):
+        return False
+    if version >= (70, 1):
+        return True
+    try:
+        import wheel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def build_wheel(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     src = _package_source(out.parent / "src")
     cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "-q", "-w", str(out)]
-    try:
-        import setuptools  # noqa: F401  (build in this environment: no download of the build backend)
+    if _can_build_here():
         cmd.append("--no-build-isolation")
-    except ImportError:
-        pass
     _run(cmd, quiet=True, cwd=out)
     wheels = sorted(out.glob("ddpm_lib-*.whl"))
     if len(wheels) != 1:
