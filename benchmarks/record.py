@@ -140,11 +140,23 @@ def render(data: Dict[str, Any], json_name: str) -> str:
         base = ", ".join(f"`{r['mode']}`" for r in d["modes"] if r.get("counts_for_diffusers_baseline"))
         out.append(f"\\* For information only: not among the modes diffusers' baseline is taken over ({base}).")
         out.append("")
+    if st.get("diffusers_baseline_step"):
+        out.append(f"diffusers' training rows without a star time its network in a plain PyTorch step "
+                   f"(`torch.optim.Adam` with PyTorch's default implementation, `clip_grad_norm_` with its defaults, "
+                   f"diffusers' `EMAModel`; data, t and noise drawn on the device, no host synchronisation): the "
+                   f"baseline of the ratios. The `+ddpm_step` rows run the same network in ddpm_lib's step "
+                   f"(fused Adam, foreach clipping and EMA) and compare the networks alone.")
+        out.append("")
     tr_ratio, inf_ratio = d["train_ratio_vs_diffusers"], d["infer_ratio_vs_diffusers"]
     targets = d.get("targets", {"train_ratio": 2.0, "infer_ratio": 1.5})
     out.append(f"- **Training:** ddpm_lib {_n(d['train_images_per_s'])} images/s (`{d.get('train_best_mode')}`) "
                f"against diffusers' best {_n(dt)} (`{d.get('diffusers_best_train_mode')}`): "
                f"**{_n(tr_ratio, '{:.2f}')}×** ({_verdict(tr_ratio, targets['train_ratio'])}).")
+    if d.get("train_ratio_vs_diffusers_ddpm_step"):
+        out.append(f"- Networks alone: with diffusers' network in ddpm_lib's own training step (rows `+ddpm_step`), "
+                   f"its best is {_n(d.get('diffusers_best_train_images_per_s_ddpm_step'))} images/s "
+                   f"(`{d.get('diffusers_best_train_mode_ddpm_step')}`), and ddpm_lib's best is "
+                   f"**{_n(d['train_ratio_vs_diffusers_ddpm_step'], '{:.2f}')}×** that.")
     out.append(f"- **Inference:** ddpm_lib {_n(d['infer_images_per_s'])} images/s (`{d.get('infer_best_mode')}`) "
                f"against diffusers' best {_n(di)} (`{d.get('diffusers_best_infer_mode')}`): "
                f"**{_n(inf_ratio, '{:.2f}')}×** ({_verdict(inf_ratio, targets['infer_ratio'])}).")

@@ -5,16 +5,22 @@ Both networks are the paper's CIFAR-10 model (35,746,307 parameters) with the sa
 (``UNet.from_diffusers``), timed in one process on one device:
 
 * training: one update of Algorithm 1 at batch 128 of 32x32x3 (draw a batch from a data set held on the
-  device, sample t and noise, q_sample, forward, MSE loss, backward, clip the gradient norm to 1.0 with
-  foreach, Adam 2e-4 (fused on CUDA), EMA 0.9999 with foreach) -- the same step code for both networks
-  (:func:`ddpm_lib.accel.make_train_step`);
+  device, sample t and noise, q_sample, forward, MSE loss, backward, clip the gradient norm to 1.0,
+  Adam 2e-4, EMA 0.9999). ddpm_lib runs its own step (:func:`ddpm_lib.accel.make_train_step`: fused
+  Adam, foreach clipping and EMA, optionally one CUDA graph). diffusers' network runs twice: in a plain
+  PyTorch step (:class:`PlainStep`: ``torch.optim.Adam`` with PyTorch's default implementation,
+  ``clip_grad_norm_`` with its defaults, ``diffusers.training_utils.EMAModel``) -- the baseline of the
+  issue, whose list of means counts the fused optimizer and the step around the network as ddpm_lib's --
+  and, for information (rows ``<mode>+ddpm_step``), in ddpm_lib's step, which compares the networks
+  alone. Both steps draw the data, t and the noise on the device and never synchronise with the host;
 * inference: the network's forward at batch 1024 without gradients (what each sampling step costs).
 
 Modes: ``fp32`` (eager; TF32 flags at PyTorch's defaults, printed), ``bf16_cl`` (bf16 autocast and
 channels_last, eager), ``bf16_cl_compile`` (the same under ``torch.compile``, default mode) for both
 networks; ``fast`` for ddpm_lib (compiled, plus the whole training step / the forward replayed from one
 CUDA graph); and, for information only (not part of the diffusers baseline the issue defines),
-``bf16_cl_compile_graph`` for diffusers (the same CUDA graph on its compiled step).
+``<mode>+ddpm_step`` (diffusers' network in ddpm_lib's step) and ``bf16_cl_compile_graph`` for diffusers
+(its compiled network in ddpm_lib's step replayed from one CUDA graph).
 
 Times are CUDA-event medians over several repetitions after warm-up (compilation happens in the warm-up and
 is reported separately). The most important numbers are measured first; the JSON is rewritten after every
@@ -100,6 +106,59 @@ class DiffusersEps(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(x, t, return_dict=False)[0]
+
+
+class PlainStep:
+    """One update of Algorithm 1 for diffusers' network as plain PyTorch trains it: the baseline step.
+
+    The same loss code (``GaussianDiffusion.training_losses``), batch, and t and noise draws on the device
+    as ddpm_lib's step, and no host synchronisation either, but the optimizer, clipping and EMA a diffusers
+    user has without ddpm_lib: ``torch.optim.Adam`` (lr 2e-4) with PyTorch's default implementation
+    (foreach on CUDA, not fused), ``torch.nn.utils.clip_grad_norm_`` (1.0) with its defaults, and
+    ``diffusers.training_utils.EMAModel`` (decay 0.9999, with its faster ``foreach`` option where it has
+    one). Called like :class:`ddpm_lib.accel.TrainStep`: ``step(x0) -> (loss, None)``.
+    """
+
+    def __init__(self, fast: accel.FastModel, diffusion: GaussianDiffusion, generator: torch.Generator):
+        self.fast, self.diffusion, self.generator = fast, diffusion, generator
+        self.params = [p for p in fast.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8)
+        self.ema = None
+        try:
+            from diffusers.training_utils import EMAModel
+
+            try:
+                self.ema = EMAModel(self.params, decay=0.9999, foreach=True)
+                ema_note = "diffusers EMAModel (foreach)"
+            except TypeError:  # an older diffusers without the option
+                self.ema = EMAModel(self.params, decay=0.9999)
+                ema_note = "diffusers EMAModel"
+        except Exception as exc:  # noqa: BLE001 - a torch-only EMA loop instead
+            self._shadow = [p.detach().clone() for p in self.params]
+            ema_note = f"per-parameter EMA loop (diffusers' EMAModel unavailable: {type(exc).__name__})"
+        self.note = ("plain PyTorch step: torch.optim.Adam (default implementation), clip_grad_norm_ (defaults), "
+                     + ema_note)
+
+    def __call__(self, x0: torch.Tensor):
+        fast = self.fast
+        x0 = fast.prepare_input(x0)
+        B = x0.shape[0]
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=x0.device, generator=self.generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        with fast.autocast():
+            losses = self.diffusion.training_losses(fast.forward, x0, t, noise)
+        loss = losses["loss"].float().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        with torch.no_grad():
+            if self.ema is not None:
+                self.ema.step(self.params)
+            else:
+                for e, p in zip(self._shadow, self.params):
+                    e.lerp_(p, 1e-4)
+        return loss.detach(), None
 
 
 def build_networks(size: str):
@@ -235,6 +294,7 @@ class Run:
         ot, otm = best("ours", "train_images_per_s")
         oi, oim = best("ours", "infer_images_per_s")
         dt, dtm = best("diffusers", "train_images_per_s", BASELINE_MODES)
+        dl, dlm = best("diffusers", "train_images_per_s", tuple(f"{m}+ddpm_step" for m in BASELINE_MODES))
         di, dim = best("diffusers", "infer_images_per_s", BASELINE_MODES)
 
         def ratio(a, b):
@@ -258,6 +318,8 @@ class Run:
             diffusers_best_train_images_per_s=dt, diffusers_best_train_mode=dtm,
             diffusers_best_infer_images_per_s=di, diffusers_best_infer_mode=dim,
             train_ratio_vs_diffusers=ratio(ot, dt), infer_ratio_vs_diffusers=ratio(oi, di),
+            diffusers_best_train_images_per_s_ddpm_step=dl, diffusers_best_train_mode_ddpm_step=dlm,
+            train_ratio_vs_diffusers_ddpm_step=ratio(ot, dl),
             projected_50k_samples_ddpm1000_s=proj(oi, DDPM_STEPS), projected_50k_samples_ddim50_s=proj(oi, DDIM_STEPS),
             diffusers_projected_50k_samples_ddpm1000_s=proj(di, DDPM_STEPS),
             diffusers_projected_50k_samples_ddim50_s=proj(di, DDIM_STEPS),
@@ -306,7 +368,7 @@ class Run:
         def x(a, b):
             return f"{a / b:.2f}" if a and b else "-"
 
-        hdr = (f"{'network':<10} {'mode':<22} {'train img/s':>11} {'TFLOP/s':>11} {'x diff':>6} "
+        hdr = (f"{'network':<10} {'mode':<27} {'train img/s':>11} {'TFLOP/s':>11} {'x diff':>6} "
                f"{'infer img/s':>11} {'TFLOP/s':>11} {'x diff':>6} {'compile s tr/inf':>16}")
         lines.append(hdr)
         lines.append("-" * len(hdr))
@@ -315,14 +377,15 @@ class Run:
             tr, inf = r.get("train_images_per_s"), r.get("infer_images_per_s")
             mode = r["mode"] + ("*" if r["network"] == "diffusers" and r["mode"] not in BASELINE_MODES else "")
             comp = f"{r.get('train_compile_s', '-')}/{r.get('infer_compile_s', '-')}"
-            lines.append(f"{r['network']:<10} {mode:<22} {f(tr):>11} {tf(tr, 3):>11} "
+            lines.append(f"{r['network']:<10} {mode:<27} {f(tr):>11} {tf(tr, 3):>11} "
                          f"{x(tr, s['diffusers_best_train_images_per_s']):>6} {f(inf):>11} {tf(inf, 1):>11} "
                          f"{x(inf, s['diffusers_best_infer_images_per_s']):>6} {comp:>16}")
             for what in ("train_error", "infer_error"):
                 if r.get(what):
                     lines.append(f"{'':<10} {what}: {r[what][:150]}")
         lines.append("* information only: not among the modes the diffusers baseline is taken over; "
-                     "x diff = ratio to diffusers' best of fp32, bf16_cl, bf16_cl_compile")
+                     "x diff = ratio to diffusers' best of fp32, bf16_cl, bf16_cl_compile (training: in the plain "
+                     "PyTorch step; +ddpm_step: diffusers' network in ddpm_lib's step)")
         if fl:
             lines.append(f"FLOPs: forward {fl:.2f} GFLOP/image (2 per multiply-add: convolutions, matrix products, "
                          f"attention), training = 3x forward; matmul peak {peak} TFLOP/s "
@@ -334,6 +397,10 @@ class Run:
                      f"({s['diffusers_best_infer_mode']})")
         lines.append(f"ratio vs diffusers: train {s['train_ratio_vs_diffusers']}x (target 2.0), "
                      f"infer {s['infer_ratio_vs_diffusers']}x (target 1.5)")
+        if s["diffusers_best_train_images_per_s_ddpm_step"]:
+            lines.append(f"networks alone (diffusers' network in ddpm_lib's step, best "
+                         f"{f(s['diffusers_best_train_images_per_s_ddpm_step'])} img/s, "
+                         f"{s['diffusers_best_train_mode_ddpm_step']}): train {s['train_ratio_vs_diffusers_ddpm_step']}x")
         for what in ("train", "infer"):
             if s[f"diffusers_baseline_missing_{what}"]:
                 lines.append(f"WARNING: diffusers' {what} baseline lacks {s[f'diffusers_baseline_missing_{what}']}: "
@@ -394,7 +461,11 @@ class Run:
             fp32_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
             cudnn_benchmark=True,
             train_batch=self.size["train_batch"], infer_batch=self.size["infer_batch"], image=self.size["image"],
-            data_on_device=self.size["data_n"], optimizer="Adam lr 2e-4 betas (0.9, 0.999) eps 1e-8, fused on CUDA",
+            data_on_device=self.size["data_n"], optimizer="Adam lr 2e-4 betas (0.9, 0.999) eps 1e-8: fused on CUDA in ddpm_lib's step, "
+                      "PyTorch's default implementation in the plain step (diffusers' baseline)",
+            diffusers_baseline_step="PlainStep: torch.optim.Adam (default implementation), clip_grad_norm_ "
+                                    "(defaults), diffusers EMAModel; data, t and noise on the device, no host "
+                                    "synchronisation; rows <mode>+ddpm_step run diffusers' network in ddpm_lib's step",
             grad_clip=1.0, ema_decay=0.9999, dropout=0.1, loss="L_simple (eps MSE), T=1000 linear schedule",
             compile_backend=self.compile_backend(),
             timing=f"median of {self.size['reps']} repetitions of >= {self.size['min_rep_s']} s after "
@@ -493,7 +564,22 @@ class Run:
                 + (f" ({fast.compile_error})" if fast.compile_error else ""))
         m = self.timer.measure(lambda i: step(batch()), warmup=self.size["warmup"], reps=self.size["reps"],
                                min_rep_s=self.size["min_rep_s"], time_left=self.time_left)
-        self.record_train(row, m, fast)
+        if net == "diffusers":
+            # ddpm_lib's step around diffusers' network (information: the networks alone), then the baseline:
+            # the same compiled network in a plain PyTorch step
+            lrow = self.row(f"{key}+ddpm_step")
+            if "train_compile_s" in row:
+                lrow["train_compile_s"] = row["train_compile_s"]
+            self.record_train(lrow, m, fast, note="diffusers' network in ddpm_lib's training step "
+                                                  "(accel.make_train_step: fused Adam, foreach clip and EMA)")
+            plain = PlainStep(fast, self.diffusion, torch.Generator(device=self.device).manual_seed(5))
+            self.timer.wall(lambda: plain(batch()))  # the optimizer's and the EMA's state
+            mp = self.timer.measure(lambda i: plain(batch()), warmup=self.size["warmup"], reps=self.size["reps"],
+                                    min_rep_s=self.size["min_rep_s"], time_left=self.time_left)
+            self.record_train(row, mp, fast, note=plain.note)
+            del plain
+        else:
+            self.record_train(row, m, fast)
         if graph_key:
             grow = self.row(graph_key)
             try:
@@ -750,11 +836,12 @@ class Run:
         return jobs
 
     def estimate(self, job) -> float:
+        extra = 5.0 if (job["net"] == "diffusers" and job["kind"] == "train" and self.cuda) else 0.0
         if job["mode"] != "bf16_cl_compile" or self.compile_backend() != "inductor":
-            return job["est"] if self.cuda else 2.0
+            return (job["est"] + extra) if self.cuda else 2.0
         measured = self.compile_s.get(f"ours:{job['kind']}")
         base = measured if measured is not None else job["est"]
-        return base * (0.8 if job["net"] == "diffusers" else 1.0) + 12.0
+        return base * (0.8 if job["net"] == "diffusers" else 1.0) + 12.0 + extra
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

@@ -50,8 +50,39 @@ def test_benchmark_tiny_cpu_writes_json(tmp_path, capsys):
         assert data["diffusers_best_train_images_per_s"] > 0 and data["diffusers_best_infer_images_per_s"] > 0
         assert data["train_ratio_vs_diffusers"] > 0 and data["infer_ratio_vs_diffusers"] > 0
         assert data["correctness"]["ours_fp32_vs_diffusers_fp32_rel_err"] < 1e-4  # the same function
+        # the baseline rows time diffusers' network in the plain PyTorch step; +ddpm_step rows in ddpm_lib's step
+        for mode in ("fp32", "bf16_cl"):
+            assert "plain PyTorch step" in modes[("diffusers", mode)]["train_note"]
+            lib = modes[("diffusers", f"{mode}+ddpm_step")]
+            assert lib["train_images_per_s"] > 0 and lib["counts_for_diffusers_baseline"] is False
+        assert data["diffusers_best_train_mode"] in ("fp32", "bf16_cl")
+        assert data["train_ratio_vs_diffusers_ddpm_step"] > 0
     printed = capsys.readouterr().out
     assert "ratio vs diffusers" in printed and "projected 50,000 samples" in printed
+
+
+def test_plain_step_trains_the_diffusers_network():
+    """The baseline step is a real training step: Adam moves the weights, the EMA follows, the loss is finite."""
+    pytest.importorskip("diffusers")
+    import torch
+    from ddpm_lib import GaussianDiffusion, accel
+
+    bench = _load()
+    _, diff, _ = bench.build_networks("tiny")
+    fast = accel.prepare_model(diff, "cpu", bf16=False, channels_last=False, compile=False)
+    step = bench.PlainStep(fast, GaussianDiffusion(), torch.Generator().manual_seed(0))
+    assert "EMAModel" in step.note and isinstance(step.optimizer, torch.optim.Adam)
+    before = [p.detach().clone() for p in step.params]
+    shadow0 = [e.detach().clone() for e in step.ema.shadow_params]
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    for _ in range(2):
+        loss, gnorm = step(x0)
+        assert gnorm is None and torch.isfinite(loss) and loss.ndim == 0
+    assert all(len(step.optimizer.state[p]) > 0 for p in step.params)
+    moved = sum(not torch.equal(a, p) for a, p in zip(before, step.params))
+    assert moved > 0.9 * len(before)
+    # the EMA's first update copies the weights (diffusers' decay schedule), the second averages
+    assert any(not torch.equal(a, e) for a, e in zip(shadow0, step.ema.shadow_params))
 
 
 def test_benchmark_rejects_unknown_modes(tmp_path):
