@@ -157,6 +157,12 @@ def render(data: Dict[str, Any], json_name: str) -> str:
                    f"its best is {_n(d.get('diffusers_best_train_images_per_s_ddpm_step'))} images/s "
                    f"(`{d.get('diffusers_best_train_mode_ddpm_step')}`), and ddpm_lib's best is "
                    f"**{_n(d['train_ratio_vs_diffusers_ddpm_step'], '{:.2f}')}×** that.")
+    for r in d["modes"]:
+        if r["network"] == "ours" and r["mode"] in ("trainer", "trainer_compile") and r.get("train_images_per_s"):
+            out.append(f"- `ddpm_lib.Trainer` itself (`{r['mode']}`: "
+                       f"{'its defaults' if r['mode'] == 'trainer' else 'compile=True'} on this GPU, its own loop "
+                       f"with logging): {_n(r['train_images_per_s'])} images/s, {_ratio(r['train_images_per_s'], dt)} "
+                       f"diffusers' best.")
     out.append(f"- **Inference:** ddpm_lib {_n(d['infer_images_per_s'])} images/s (`{d.get('infer_best_mode')}`) "
                f"against diffusers' best {_n(di)} (`{d.get('diffusers_best_infer_mode')}`): "
                f"**{_n(inf_ratio, '{:.2f}')}×** ({_verdict(inf_ratio, targets['infer_ratio'])}).")

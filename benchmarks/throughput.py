@@ -82,7 +82,7 @@ SIZES = {
                  image=16, data_n=32, min_rep_s=0.0, reps=3, peak_n=256, warmup=1, overrides=dict(ch=16)),
 }
 ALL_MODES = ["ours:fast", "ours:bf16_cl_compile", "diffusers:bf16_cl_compile", "diffusers:bf16_cl_compile_graph",
-             "ours:bf16_cl", "diffusers:bf16_cl", "ours:fp32", "diffusers:fp32"]
+             "ours:bf16_cl", "diffusers:bf16_cl", "ours:fp32", "diffusers:fp32", "ours:trainer", "ours:trainer_compile"]
 BASELINE_MODES = ("fp32", "bf16_cl", "bf16_cl_compile")  # diffusers' best is taken over these (the issue)
 NUM_SAMPLES, DDPM_STEPS, DDIM_STEPS = 50_000, 1000, 50
 T0 = time.perf_counter()
@@ -622,6 +622,38 @@ class Run:
         del step, fast, opt, ema
         self.release(reset_dynamo=False)
 
+    def trainer_group(self, master: nn.Module, mode: str) -> None:
+        """Time :class:`ddpm_lib.Trainer` itself, with its defaults on this device (``trainer``) or with
+        ``compile=True`` (``trainer_compile``): the rate a user of the library gets, including the trainer's
+        own loop (warm-up schedule, logging every ``log_every`` steps, its non-finite check)."""
+        from ddpm_lib.trainer import Trainer
+
+        key = f"ours:{mode}"
+        row = self.row(key)
+        B = self.size["train_batch"]
+        tr = Trainer(copy.deepcopy(master).train(), self.diffusion, self.data, device=self.device, batch_size=B,
+                     progress=False, sample_every=0, save_every=0, compile=(mode == "trainer_compile"))
+        first = self.timer.wall(lambda: tr.train(steps=tr.step + 2))  # compile, cuDNN autotuning, Adam state
+        if mode == "trainer_compile":
+            row["train_compile_s"] = round(first, 1)
+        est = self.timer.wall(lambda: tr.train(steps=tr.step + 5)) / 5
+        k = max(5, int(math.ceil(max(self.size["min_rep_s"], 0.05) / max(est, 1e-6))))
+        reps = self.size["reps"] if self.time_left() > self.size["reps"] * k * est * 1.5 + 10 else 3
+        times = [self.timer.wall(lambda: tr.train(steps=tr.step + k)) / k for _ in range(reps)]
+        med = statistics.median(times)
+        rate = B / med
+        row.update(train_images_per_s=round(rate, 1), train_ms_per_step=round(med * 1e3, 3),
+                   train_spread=round((max(times) - min(times)) / med, 4), train_calls_per_rep=k, train_reps=reps,
+                   train_compiled=tr.compiled, bf16=tr.use_bf16, channels_last=tr.use_channels_last,
+                   train_note=(f"ddpm_lib.Trainer ({'compile=True' if mode == 'trainer_compile' else 'defaults'}): "
+                               f"bf16 {tr.use_bf16}, channels_last {tr.use_channels_last}, fused Adam {tr.fused}, "
+                               f"compiled {tr.compiled}, no CUDA graph; wall clock of train() over {k} steps, "
+                               f"logging every {tr.cfg.log_every}"))
+        log(f"{key} train: {rate:,.0f} img/s ({med * 1e3:.2f} ms/step; {row['train_note']})")
+        del tr
+        self.release(reset_dynamo=False)
+        self.write_json()
+
     def record_train(self, row, m, fast, note: Optional[str] = None) -> None:
         B = self.size["train_batch"]
         rate = B / m["s_per_call"]
@@ -809,6 +841,8 @@ class Run:
             want = {m for m in want if not m.startswith("diffusers")}
         if not self.cuda:  # CUDA graphs: on the CPU "fast" is the compiled path alone
             want.discard("diffusers:bf16_cl_compile_graph")
+            if self.args.modes == "all":  # the Trainer compiles with inductor: minutes of C++ on a CPU
+                want.discard("ours:trainer_compile")
         what = {w.strip() for w in self.args.what.split(",")}
         jobs = []
 
@@ -829,14 +863,21 @@ class Run:
                 add("diffusers", "bf16_cl_compile", kind, gk, est=90.0 if kind == "train" else 45.0)
         # diffusers' eager modes (completing its baseline), then ours'
         for net in ("diffusers", "ours"):
+            if net == "ours" and "train" in what and "ours:trainer" in want:
+                add("ours", "trainer", "train", est=15.0)  # what ddpm_lib.Trainer gives with its defaults
             for mode in ("bf16_cl", "fp32"):
                 for kind in ("train", "infer"):
                     if kind in what and f"{net}:{mode}" in want:
                         add(net, mode, kind, est=8.0)
+        if "train" in what and "ours:trainer_compile" in want:
+            add("ours", "trainer_compile", "train", est=90.0)
         return jobs
 
     def estimate(self, job) -> float:
         extra = 5.0 if (job["net"] == "diffusers" and job["kind"] == "train" and self.cuda) else 0.0
+        if job["mode"] == "trainer_compile":
+            measured = self.compile_s.get("ours:train")
+            return (measured + 20.0) if measured is not None else job["est"]
         if job["mode"] != "bf16_cl_compile" or self.compile_backend() != "inductor":
             return (job["est"] + extra) if self.cuda else 2.0
         measured = self.compile_s.get(f"ours:{job['kind']}")
@@ -953,7 +994,9 @@ def _main(args) -> Dict[str, Any]:
                 last_net_compiled = job["net"]
             log(f"{key} {job['kind']} ... (estimate {est:.0f} s, {run.time_left():.0f} s left)")
             try:
-                if job["kind"] == "train":
+                if job["mode"].startswith("trainer"):
+                    run.trainer_group(masters["ours"], job["mode"])
+                elif job["kind"] == "train":
                     run.train_group(job["net"], masters[job["net"]], job["mode"], job["graph_key"])
                 else:
                     run.infer_group(job["net"], masters[job["net"]], job["mode"], job["graph_key"],

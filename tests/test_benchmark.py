@@ -29,7 +29,8 @@ def test_benchmark_tiny_cpu_writes_json(tmp_path, capsys):
     t0 = time.perf_counter()
     # ours' fast path (compiled by dynamo's eager backend on the CPU) and fp32; diffusers' bf16 eager and fp32
     out = bench.main(["--device", "cpu", "--size", "tiny", "--out", str(tmp_path), "--budget-s", "45",
-                      "--modes", "ours:fast,ours:fp32,diffusers:bf16_cl,diffusers:fp32", "--loss-check-steps", "4"])
+                      "--modes", "ours:fast,ours:fp32,ours:trainer,diffusers:bf16_cl,diffusers:fp32",
+                      "--loss-check-steps", "4"])
     elapsed = time.perf_counter() - t0
     assert elapsed < 60, f"the tiny CPU benchmark took {elapsed:.0f} s"
 
@@ -46,6 +47,8 @@ def test_benchmark_tiny_cpu_writes_json(tmp_path, capsys):
     assert len(lc["fast_losses"]) == len(lc["plain_losses"]) == 4 and lc["first_step_rel_diff"] < 0.05
     modes = {(m["network"], m["mode"]): m for m in data["modes"]}
     assert modes[("ours", "fast")]["train_images_per_s"] > 0
+    trainer = modes[("ours", "trainer")]  # ddpm_lib.Trainer itself, with its defaults
+    assert trainer["train_images_per_s"] > 0 and trainer["train_note"].startswith("ddpm_lib.Trainer (defaults)")
     if have_diffusers:
         assert data["diffusers_best_train_images_per_s"] > 0 and data["diffusers_best_infer_images_per_s"] > 0
         assert data["train_ratio_vs_diffusers"] > 0 and data["infer_ratio_vs_diffusers"] > 0
@@ -107,13 +110,13 @@ def _load_record():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """benchmarks/gpu_run.sh end to end, on the CPU at the tiny size (two modes): (result JSON, its output)."""
+    """benchmarks/gpu_run.sh end to end, on the CPU at the tiny size (three modes): (result JSON, its output)."""
     import os
     import subprocess
     import sys
 
     out = tmp_path_factory.mktemp("gpu_run")
-    env = dict(os.environ, OUT=str(out), DEVICE="cpu", SIZE="tiny", MODES="ours:fp32,diffusers:fp32", BUDGET="40",
+    env = dict(os.environ, OUT=str(out), DEVICE="cpu", SIZE="tiny", MODES="ours:fp32,ours:trainer,diffusers:fp32", BUDGET="40",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     proc = subprocess.run(["bash", str(GPU_RUN)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -161,6 +164,9 @@ def test_record_writes_sections_from_the_json(tiny_run, tmp_path):
     assert not data["train_ratio_vs_diffusers"] or f"{data['train_ratio_vs_diffusers']:.2f}×" in section
     assert "--out" not in section and str(tmp_path) not in section  # no machine paths in the documents
     assert "--size tiny" in section and "say nothing about the CIFAR-10 model" in section
+    assert "`ddpm_lib.Trainer` itself (`trainer`" in section
+    if data["diffusers_best_train_images_per_s"]:
+        assert "plain PyTorch step" in section and "`fp32+ddpm_step`*" in section
     # running it again replaces the section instead of adding one
     assert record.main([str(path), "--docs", *map(str, docs), "--allow-cpu"]) == 0
     assert docs[0].read_text().count(record.BEGIN) == 1
