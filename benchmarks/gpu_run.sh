@@ -2,12 +2,12 @@
 # The whole GPU comparison in one call on the device machine (see benchmarks/RESULTS.md):
 #   install the carried wheels (.whl/*.whl: diffusers and importlib_metadata), run throughput.py on CUDA,
 #   and print the Markdown section that benchmarks/record.py would write from the result.
-# Environment: OUT (where the JSON and the log go; default /tmp/ddpm-bench), BUDGET (seconds, default 330);
+# Environment: OUT (where the JSON and the log go; default /tmp/ddpm-bench), BUDGET (seconds, default 360);
 # for a check of this script on a CPU (tests/test_benchmark.py): DEVICE=cpu SIZE=tiny MODES=ours:fp32,...
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ddpm-bench}
-BUDGET=${BUDGET:-330}
+BUDGET=${BUDGET:-360}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-}
 MODES=${MODES:-}
