@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU comparison in one call on the device machine (see benchmarks/RESULTS.md):
 #   install the carried wheels (.whl/*.whl: diffusers and importlib_metadata), run throughput.py on CUDA,
-#   and print the Markdown section that benchmarks/record.py would write from the result.
+#   then the CUDA-only tests (pytest -m gpu, log in $OUT/gpu_tests.log), and print the Markdown section that
+#   benchmarks/record.py would write from the result.
 # Environment: OUT (where the JSON and the log go; default /tmp/ddpm-bench), BUDGET (seconds, default 360);
 # for a check of this script on a CPU (tests/test_benchmark.py): DEVICE=cpu SIZE=tiny MODES=ours:fp32,...
 set -u
@@ -32,6 +33,12 @@ PYTHONUNBUFFERED=1 python3 benchmarks/throughput.py --device "$DEVICE" --budget-
   "${extra[@]}" 2>&1 \
   | tee "$OUT/throughput.log"
 rc=$?
+if [ "$DEVICE" = cuda ]; then
+  # the CUDA-only correctness tests (graphed training step = eager step; the trainer in bf16 + channels_last)
+  echo; echo "=== pytest -m gpu ==="
+  timeout 90 python3 -m pytest -m gpu tests/test_accel.py tests/test_trainer.py -q -p no:cacheprovider 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -15
+fi
 json=$(ls -t "$OUT"/*.json 2>/dev/null | head -1)
 if [ -n "$json" ]; then
   echo
