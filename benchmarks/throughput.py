@@ -45,6 +45,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional
 
 # Compile workers: one per core (read when inductor's config is imported).
@@ -123,19 +124,14 @@ class PlainStep:
         self.fast, self.diffusion, self.generator = fast, diffusion, generator
         self.params = [p for p in fast.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8)
-        self.ema = None
-        try:
-            from diffusers.training_utils import EMAModel
+        from diffusers.training_utils import EMAModel  # only diffusers' network is trained in this step
 
-            try:
-                self.ema = EMAModel(self.params, decay=0.9999, foreach=True)
-                ema_note = "diffusers EMAModel (foreach)"
-            except TypeError:  # an older diffusers without the option
-                self.ema = EMAModel(self.params, decay=0.9999)
-                ema_note = "diffusers EMAModel"
-        except Exception as exc:  # noqa: BLE001 - a torch-only EMA loop instead
-            self._shadow = [p.detach().clone() for p in self.params]
-            ema_note = f"per-parameter EMA loop (diffusers' EMAModel unavailable: {type(exc).__name__})"
+        try:
+            self.ema = EMAModel(self.params, decay=0.9999, foreach=True)
+            ema_note = "diffusers EMAModel (foreach)"
+        except TypeError:  # an older diffusers without the option
+            self.ema = EMAModel(self.params, decay=0.9999)
+            ema_note = "diffusers EMAModel"
         self.note = ("plain PyTorch step: torch.optim.Adam (default implementation), clip_grad_norm_ (defaults), "
                      + ema_note)
 
@@ -152,12 +148,7 @@ class PlainStep:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
-        with torch.no_grad():
-            if self.ema is not None:
-                self.ema.step(self.params)
-            else:
-                for e, p in zip(self._shadow, self.params):
-                    e.lerp_(p, 1e-4)
+        self.ema.step(self.params)
         return loss.detach(), None
 
 
@@ -645,18 +636,16 @@ class Run:
             reps = self.size["reps"]
         times = [self.timer.wall(lambda: tr.train(steps=tr.step + k)) / k for _ in range(reps)]
         med = statistics.median(times)
-        rate = B / med
-        row.update(train_images_per_s=round(rate, 1), train_ms_per_step=round(med * 1e3, 3),
-                   train_spread=round((max(times) - min(times)) / med, 4), train_calls_per_rep=k, train_reps=reps,
-                   train_compiled=tr.compiled, bf16=tr.use_bf16, channels_last=tr.use_channels_last,
-                   train_note=(f"ddpm_lib.Trainer ({'compile=True' if mode == 'trainer_compile' else 'defaults'}): "
-                               f"bf16 {tr.use_bf16}, channels_last {tr.use_channels_last}, fused Adam {tr.fused}, "
-                               f"compiled {tr.compiled}, no CUDA graph; wall clock of train() over {k} steps, "
-                               f"logging every {tr.cfg.log_every}"))
-        log(f"{key} train: {rate:,.0f} img/s ({med * 1e3:.2f} ms/step; {row['train_note']})")
+        m = dict(s_per_call=med, calls_per_rep=k, reps=reps, spread=(max(times) - min(times)) / med)
+        settings = SimpleNamespace(compiled=tr.compiled, bf16=tr.use_bf16, channels_last=tr.use_channels_last,
+                                   compile_error=None)
+        self.record_train(row, m, settings,
+                          note=(f"ddpm_lib.Trainer ({'compile=True' if mode == 'trainer_compile' else 'defaults'}): "
+                                f"bf16 {tr.use_bf16}, channels_last {tr.use_channels_last}, fused Adam {tr.fused}, "
+                                f"compiled {tr.compiled}, no CUDA graph; wall clock of train() over {k} steps, "
+                                f"logging every {tr.cfg.log_every}"))
         del tr
         self.release(reset_dynamo=False)
-        self.write_json()
 
     def record_train(self, row, m, fast, note: Optional[str] = None) -> None:
         B = self.size["train_batch"]
