@@ -55,6 +55,10 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
     return f"{a / b:.2f}×" if a and b else "-"
 
 
+def _pct(a: Optional[float], b: Optional[float]) -> str:
+    return f"{100 * a / b:.0f} %" if a and b else "-"
+
+
 def _verdict(ratio: Optional[float], target: float) -> str:
     if not ratio:
         return "not measured"
@@ -166,6 +170,18 @@ def render(data: Dict[str, Any], json_name: str) -> str:
     out.append(f"- **Inference:** ddpm_lib {_n(d['infer_images_per_s'])} images/s (`{d.get('infer_best_mode')}`) "
                f"against diffusers' best {_n(di)} (`{d.get('diffusers_best_infer_mode')}`): "
                f"**{_n(inf_ratio, '{:.2f}')}×** ({_verdict(inf_ratio, targets['infer_ratio'])}).")
+    cf = d.get("conv_floor") or {}
+    if cf.get("train_images_per_s"):
+        out.append(f"- Convolution floor, same run: the network's {cf.get('convolutions')} convolutions, each timed "
+                   f"alone ({cf.get('note', '')}) and added up, with everything else counted as free, allow at most {_n(cf['train_images_per_s'])} training images/s "
+                   f"({_n(cf.get('train_ms_per_step'), '{:.2f}')} ms per step) and {_n(cf['infer_images_per_s'])} "
+                   f"inference images/s, i.e. {_ratio(cf['train_images_per_s'], dt)} and "
+                   f"{_ratio(cf['infer_images_per_s'], di)} diffusers' best: the most any implementation reaches "
+                   f"with these convolution kernels. ddpm_lib's best runs at "
+                   f"{_pct(d['train_images_per_s'], cf['train_images_per_s'])} and "
+                   f"{_pct(d['infer_images_per_s'], cf['infer_images_per_s'])} of it.")
+    elif cf.get("error"):
+        out.append(f"- Convolution floor not measured: {cf['error']}")
     for what in ("train", "infer"):
         lack = d.get(f"diffusers_baseline_missing_{what}")
         if lack:

@@ -201,6 +201,29 @@ def count_forward_flops(model: nn.Module, image: int) -> float:
     return float(counter.get_total_flops())
 
 
+def conv_shapes(model: nn.Module, image: int) -> List[Dict[str, Any]]:
+    """Every ``nn.Conv2d`` of ``model`` with the size of its input and output in one forward pass of one image;
+    identical layers are listed once with their ``count``."""
+    m = copy.deepcopy(model).float().eval()
+    found: Dict[tuple, int] = {}
+
+    def hook(mod, inp, out):
+        key = (mod.in_channels, mod.out_channels, tuple(mod.kernel_size), tuple(mod.stride),
+               mod.padding if isinstance(mod.padding, str) else tuple(mod.padding), tuple(mod.dilation), mod.groups,
+               mod.bias is not None, tuple(inp[0].shape[-2:]), tuple(out.shape[-2:]))
+        found[key] = found.get(key, 0) + 1
+
+    handles = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            m(torch.randn(1, 3, image, image), torch.tensor([10]))
+    finally:
+        for h in handles:
+            h.remove()
+    names = ("in_ch", "out_ch", "kernel", "stride", "padding", "dilation", "groups", "bias", "in_hw", "out_hw")
+    return [dict(zip(names, k), count=n) for k, n in found.items()]
+
+
 # ---------------------------------------------------------------------------------------------- timing
 class Timer:
     def __init__(self, device: torch.device):
@@ -296,6 +319,8 @@ class Run:
                 return list(BASELINE_MODES)
             return [m for m in BASELINE_MODES if not self.rows.get(f"diffusers:{m}", {}).get(what)]
 
+        cf = self.results.get("conv_floor") or {}
+
         def proj(rate, steps):
             return round(NUM_SAMPLES * steps / rate, 1) if rate else None
 
@@ -311,6 +336,10 @@ class Run:
             train_ratio_vs_diffusers=ratio(ot, dt), infer_ratio_vs_diffusers=ratio(oi, di),
             diffusers_best_train_images_per_s_ddpm_step=dl, diffusers_best_train_mode_ddpm_step=dlm,
             train_ratio_vs_diffusers_ddpm_step=ratio(ot, dl),
+            conv_floor_train_images_per_s=cf.get("train_images_per_s"),
+            conv_floor_infer_images_per_s=cf.get("infer_images_per_s"),
+            conv_floor_train_ratio_vs_diffusers=ratio(cf.get("train_images_per_s"), dt),
+            conv_floor_infer_ratio_vs_diffusers=ratio(cf.get("infer_images_per_s"), di),
             projected_50k_samples_ddpm1000_s=proj(oi, DDPM_STEPS), projected_50k_samples_ddim50_s=proj(oi, DDIM_STEPS),
             diffusers_projected_50k_samples_ddpm1000_s=proj(di, DDPM_STEPS),
             diffusers_projected_50k_samples_ddim50_s=proj(di, DDIM_STEPS),
@@ -392,6 +421,11 @@ class Run:
             lines.append(f"networks alone (diffusers' network in ddpm_lib's step, best "
                          f"{f(s['diffusers_best_train_images_per_s_ddpm_step'])} img/s, "
                          f"{s['diffusers_best_train_mode_ddpm_step']}): train {s['train_ratio_vs_diffusers_ddpm_step']}x")
+        if s["conv_floor_train_images_per_s"]:
+            lines.append(f"convolution floor (every conv alone, summed; all else free): train "
+                         f"{f(s['conv_floor_train_images_per_s'])} img/s ({s['conv_floor_train_ratio_vs_diffusers']}x "
+                         f"diffusers' best), infer {f(s['conv_floor_infer_images_per_s'])} img/s "
+                         f"({s['conv_floor_infer_ratio_vs_diffusers']}x)")
         for what in ("train", "infer"):
             if s[f"diffusers_baseline_missing_{what}"]:
                 lines.append(f"WARNING: diffusers' {what} baseline lacks {s[f'diffusers_baseline_missing_{what}']}: "
@@ -494,6 +528,61 @@ class Run:
         self.results["matmul_peak_note"] = f"{'bf16' if self.cuda else 'fp32'} {n}^3 on random data"
         log(f"matmul peak: {tflops:.3g} TFLOP/s ({self.results['matmul_peak_note']})")
         del a, b
+
+    def conv_floor(self, shapes: List[Dict[str, Any]]) -> None:
+        """Time every convolution of the network on its own and add them up: a practical floor.
+
+        Each distinct ``nn.Conv2d`` (``shapes``, from :func:`conv_shapes`) runs alone as the fast paths run it
+        (bf16 and channels_last on CUDA, cuDNN with ``benchmark=True``; float32 on the CPU): its forward at the
+        inference batch, and its forward and backward (weight, bias and, but for the first layer, input
+        gradients) at the training batch. The sum over the network's layers is the time any implementation
+        of this network spends if its convolutions run as fast as cuDNN runs them alone and everything else
+        (GroupNorm, SiLU, attention, the optimizer) takes no time: the rates it gives are the most that
+        network can reach with these convolutions, and their ratio to diffusers' best is the most ratio there
+        is to win without faster convolution kernels."""
+        dtype = torch.bfloat16 if self.cuda else torch.float32
+        fmt = torch.channels_last if self.cuda else torch.contiguous_format
+        Bt, Bi = self.size["train_batch"], self.size["infer_batch"]
+        min_rep = 0.02 if self.cuda else 0.0
+        layers, train_s, infer_s = [], 0.0, 0.0
+        for s in shapes:
+            conv = nn.Conv2d(s["in_ch"], s["out_ch"], s["kernel"], stride=s["stride"], padding=s["padding"],
+                             dilation=s["dilation"], groups=s["groups"], bias=s["bias"])
+            conv = conv.to(self.device, dtype).to(memory_format=fmt)
+
+            def inp(B: int, grad: bool) -> torch.Tensor:
+                x = torch.randn(B, s["in_ch"], *s["in_hw"], device=self.device, dtype=dtype)
+                return x.contiguous(memory_format=fmt).requires_grad_(grad)
+
+            xi = inp(Bi, False)
+            with torch.no_grad():
+                mi = self.timer.measure(lambda i: conv(xi), warmup=3, reps=3, min_rep_s=min_rep,
+                                        time_left=self.time_left)
+            del xi
+            xt = inp(Bt, s["in_ch"] != 3)  # the first layer's input is the data: no gradient
+            gy = torch.randn_like(conv(xt))
+            wrt = [p for p in conv.parameters()] + ([xt] if xt.requires_grad else [])
+            mt = self.timer.measure(lambda i: torch.autograd.grad(conv(xt), wrt, gy), warmup=3, reps=3,
+                                    min_rep_s=min_rep, time_left=self.time_left)
+            del xt, gy, wrt, conv
+            flop = 2.0 * s["out_ch"] * (s["in_ch"] // s["groups"]) * s["kernel"][0] * s["kernel"][1] \
+                * s["out_hw"][0] * s["out_hw"][1]  # per image, forward
+            ti, tt = mi["s_per_call"], mt["s_per_call"]
+            infer_s += s["count"] * ti
+            train_s += s["count"] * tt
+            layers.append(dict({k: v for k, v in s.items()}, infer_ms=round(ti * 1e3, 4), train_ms=round(tt * 1e3, 4),
+                               infer_tflops=round(flop * Bi / ti / 1e12, 3),
+                               train_tflops=round(3 * flop * Bt / tt / 1e12, 3)))
+        self.results["conv_floor"] = dict(
+            train_images_per_s=round(Bt / train_s, 1), infer_images_per_s=round(Bi / infer_s, 1),
+            train_ms_per_step=round(train_s * 1e3, 3), infer_ms_per_batch=round(infer_s * 1e3, 3),
+            convolutions=sum(s["count"] for s in shapes), distinct=len(shapes), layers=layers,
+            note=(f"{'bf16, channels_last, cuDNN' if self.cuda else 'float32'}; forward at batch {Bi}, "
+                  f"forward + backward at batch {Bt}"))
+        log(f"convolution floor ({self.results['conv_floor']['convolutions']} convolutions, {len(shapes)} distinct): "
+            f"train {Bt / train_s:,.0f} img/s ({train_s * 1e3:.2f} ms/step), infer {Bi / infer_s:,.0f} img/s "
+            f"({infer_s * 1e3:.2f} ms/batch)")
+        self.release(reset_dynamo=False)
 
     # ------------------------------------------------------------------ data
     def make_data(self) -> None:
@@ -965,6 +1054,11 @@ def _main(args) -> Dict[str, Any]:
         except Exception as exc:  # noqa: BLE001
             run.results["flop_error"] = f"{type(exc).__name__}: {exc}"
         run.make_data()
+        try:  # cheap (seconds on a GPU): the rates the convolutions alone allow
+            run.conv_floor(conv_shapes(ours, run.size["image"]))
+        except Exception as exc:  # noqa: BLE001 - a reference, not a measurement of either network
+            run.results["conv_floor"] = dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            log(f"convolution floor FAILED: {run.results['conv_floor']['error']}")
         masters = {"ours": ours}
         if diff is not None:
             masters["diffusers"] = diff

@@ -60,8 +60,22 @@ def test_benchmark_tiny_cpu_writes_json(tmp_path, capsys):
             assert lib["train_images_per_s"] > 0 and lib["counts_for_diffusers_baseline"] is False
         assert data["diffusers_best_train_mode"] in ("fp32", "bf16_cl")
         assert data["train_ratio_vs_diffusers_ddpm_step"] > 0
+    # the convolution floor: every Conv2d of the network, timed alone, added up with its multiplicity
+    cf = data["conv_floor"]
+    assert "error" not in cf, cf
+    assert cf["convolutions"] == sum(l["count"] for l in cf["layers"]) == sum(
+        isinstance(m, bench.nn.Conv2d) for m in bench.build_networks("tiny")[0].modules())
+    assert cf["distinct"] == len(cf["layers"]) < cf["convolutions"]
+    train_ms = sum(l["count"] * l["train_ms"] for l in cf["layers"])
+    assert abs(train_ms - cf["train_ms_per_step"]) <= 1e-3 * cf["train_ms_per_step"] + 0.01
+    assert cf["train_images_per_s"] == pytest.approx(4e3 / cf["train_ms_per_step"], rel=1e-3)  # batch 4
+    assert data["conv_floor_infer_images_per_s"] == cf["infer_images_per_s"] > 0
+    if have_diffusers:
+        assert data["conv_floor_train_ratio_vs_diffusers"] == pytest.approx(
+            cf["train_images_per_s"] / data["diffusers_best_train_images_per_s"], rel=1e-2)
     printed = capsys.readouterr().out
     assert "ratio vs diffusers" in printed and "projected 50,000 samples" in printed
+    assert "convolution floor" in printed
 
 
 def test_plain_step_trains_the_diffusers_network():
@@ -166,6 +180,7 @@ def test_record_writes_sections_from_the_json(tiny_run, tmp_path):
     assert "--out" not in section and str(tmp_path) not in section  # no machine paths in the documents
     assert "--size tiny" in section and "say nothing about the CIFAR-10 model" in section
     assert "`ddpm_lib.Trainer` itself (`trainer`" in section
+    assert f"allow at most {data['conv_floor']['train_images_per_s']:,.0f} training images/s" in section
     if data["diffusers_best_train_images_per_s"]:
         assert "plain PyTorch step" in section and "`fp32+ddpm_step`*" in section
     # running it again replaces the section instead of adding one
