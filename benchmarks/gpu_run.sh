@@ -3,12 +3,12 @@
 #   install the carried wheels (.whl/*.whl: diffusers and importlib_metadata), run throughput.py on CUDA,
 #   then the CUDA-only tests (pytest -m gpu, log in $OUT/gpu_tests.log), and print the Markdown section that
 #   benchmarks/record.py would write from the result.
-# Environment: OUT (where the JSON and the log go; default /tmp/ddpm-bench), BUDGET (seconds, default 360);
+# Environment: OUT (where the JSON and the log go; default /tmp/ddpm-bench), BUDGET (seconds, default 380);
 # for a check of this script on a CPU (tests/test_benchmark.py): DEVICE=cpu SIZE=tiny MODES=ours:fp32,...
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ddpm-bench}
-BUDGET=${BUDGET:-360}
+BUDGET=${BUDGET:-380}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-}
 MODES=${MODES:-}

@@ -218,6 +218,33 @@ def render(data: Dict[str, Any], json_name: str) -> str:
             line += (f"; with diffusers' best {_duration(d['diffusers_projected_50k_samples_ddpm1000_s'])} and "
                      f"{_duration(d['diffusers_projected_50k_samples_ddim50_s'])}")
         out.append(line + ".")
+    profiles = {k: v for k, v in (d.get("profiles") or {}).items() if "error" not in v}
+    if profiles:
+        keys = list(profiles)
+        what = next(iter(profiles.values()))["what"]
+        out.append("")
+        out.append(f"Where the time goes (same run, `torch.profiler` over {profiles[keys[0]]['steps']} calls of each "
+                   f"compiled mode; {what}, ms per call, grouped by name):")
+        out.append("")
+        out.append("| | " + " | ".join(f"`{k}`" for k in keys) + " |")
+        out.append("|---|" + "---:|" * len(keys))
+        cats: List[str] = []
+        for v in profiles.values():
+            cats += [c for c in v["categories_ms_per_call"] if c not in cats]
+        cats.sort(key=lambda c: -max(v["categories_ms_per_call"].get(c, 0.0) for v in profiles.values()))
+        for c in cats:
+            out.append(f"| {c} | " + " | ".join(_n(v["categories_ms_per_call"].get(c), "{:.2f}")
+                                                for v in profiles.values()) + " |")
+        out.append("| **busy, all kinds** | " + " | ".join(f"**{v['busy_ms_per_call']:.2f}**" for v in profiles.values())
+                   + " |")
+        out.append("| measured without the profiler | " + " | ".join(f"{v['measured_ms_per_call']:.2f}"
+                                                                    for v in profiles.values()) + " |")
+        out.append(f"| {what.split(' (')[0]} per call | " + " | ".join(f"{v['kernels_per_call']:,.0f}"
+                                                                     for v in profiles.values()) + " |")
+        out.append("")
+    for k, v in (d.get("profiles") or {}).items():
+        if "error" in v:
+            notes.append(f"profile `{k}` failed: {v['error'][:200]}")
     if not d.get("complete", True):
         out.append("- The run stopped before every mode had finished (`complete: false` in the JSON).")
     for n in notes:

@@ -22,11 +22,15 @@ CUDA graph); and, for information only (not part of the diffusers baseline the i
 ``<mode>+ddpm_step`` (diffusers' network in ddpm_lib's step) and ``bf16_cl_compile_graph`` for diffusers
 (its compiled network in ddpm_lib's step replayed from one CUDA graph).
 
+The run also times each of the network's convolutions alone (the *convolution floor*: the rates these
+convolution kernels allow when everything else is free) and profiles each compiled mode (where the time of a
+step goes, by kind of kernel).
+
 Times are CUDA-event medians over several repetitions after warm-up (compilation happens in the warm-up and
 is reported separately). The most important numbers are measured first; the JSON is rewritten after every
 mode, and the run stops starting new modes when ``--budget-s`` is nearly spent.
 
-    python benchmarks/throughput.py --device cuda                 # the full comparison (~360 s)
+    python benchmarks/throughput.py --device cuda                 # the full comparison (~380 s)
     python benchmarks/throughput.py --device cpu --size tiny      # CI: a tiny network on the CPU (~30 s)
 """
 from __future__ import annotations
@@ -222,6 +226,39 @@ def conv_shapes(model: nn.Module, image: int) -> List[Dict[str, Any]]:
             h.remove()
     names = ("in_ch", "out_ch", "kernel", "stride", "padding", "dilation", "groups", "bias", "in_hw", "out_hw")
     return [dict(zip(names, k), count=n) for k, n in found.items()]
+
+
+PROFILE_CATEGORIES = ["convolution", "matmul", "attention", "GroupNorm (fused, Triton)", "other fused (Triton)",
+                      "GroupNorm (eager)", "optimizer, clip, EMA", "copy, layout, indexing", "random numbers",
+                      "other elementwise, reductions"]
+
+
+def kernel_category(name: str) -> str:
+    """The kind of work a GPU kernel (or, on the CPU, an ``aten::`` operator) does, from its name."""
+    n = name.lower()
+    if n.startswith("triton"):
+        if n.startswith("triton_tem") or "_tem_" in n:
+            return "matmul"  # inductor's matmul/convolution templates
+        return "GroupNorm (fused, Triton)" if ("group_norm" in n or "native_layer_norm" in n) else "other fused (Triton)"
+    if re.search(r"flash|fmha|attention|sdpa|attn|softmax", n):
+        return "attention"
+    if re.search(r"adam|multi_tensor|foreach", n):
+        return "optimizer, clip, EMA"
+    if re.search(r"nchwtonhwc|nhwctonchw", n):
+        return "copy, layout, indexing"  # cuDNN's own layout transforms
+    if re.search(r"conv|fprop|dgrad|wgrad|implicit|cudnn|winograd", n):
+        return "convolution"
+    if re.search(r"gemm|cublas|nvjet|cutlass|xmma|matmul|addmm|\bmm\b|::mm|bmm|linear", n):
+        return "matmul"
+    # PyTorch's eager GroupNorm kernels (statistics, fused parameters, backward) and the operators on the CPU
+    if re.search(r"group_norm|groupnorm|layer_norm|batch_norm|rowwisemoments|fusedparams|gammabeta|"
+                 r"internalgradients", n):
+        return "GroupNorm (eager)"
+    if re.search(r"philox|rand|normal_|bernoulli|dropout|distribution", n):
+        return "random numbers"
+    if re.search(r"copy|cat|transpose|memcpy|memset|pad|contiguous|clone|index|gather|scatter", n):
+        return "copy, layout, indexing"
+    return "other elementwise, reductions"
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -421,6 +458,14 @@ class Run:
             lines.append(f"networks alone (diffusers' network in ddpm_lib's step, best "
                          f"{f(s['diffusers_best_train_images_per_s_ddpm_step'])} img/s, "
                          f"{s['diffusers_best_train_mode_ddpm_step']}): train {s['train_ratio_vs_diffusers_ddpm_step']}x")
+        for pk, pr in (self.results.get("profiles") or {}).items():
+            if "error" in pr:
+                lines.append(f"profile {pk}: {pr['error'][:150]}")
+                continue
+            parts = ", ".join(f"{c} {v:.2f}" for c, v in sorted(pr["categories_ms_per_call"].items(),
+                                                                  key=lambda kv: -kv[1]))
+            lines.append(f"profile {pk}: {pr['busy_ms_per_call']:.2f} ms busy of {pr['measured_ms_per_call']:.2f} ms "
+                         f"({pr['kernels_per_call']:.0f} {pr['what']}): {parts}")
         if s["conv_floor_train_images_per_s"]:
             lines.append(f"convolution floor (every conv alone, summed; all else free): train "
                          f"{f(s['conv_floor_train_images_per_s'])} img/s ({s['conv_floor_train_ratio_vs_diffusers']}x "
@@ -528,6 +573,67 @@ class Run:
         self.results["matmul_peak_note"] = f"{'bf16' if self.cuda else 'fp32'} {n}^3 on random data"
         log(f"matmul peak: {tflops:.3g} TFLOP/s ({self.results['matmul_peak_note']})")
         del a, b
+
+    def try_profile(self, key: str, kind: str, fn: Callable[[int], Any], m: Dict[str, Any]) -> None:
+        try:
+            self.profile(key, kind, fn, m)
+        except Exception as exc:  # noqa: BLE001 - a diagnosis, not a measurement
+            self.results.setdefault("profiles", {})[f"{key} {kind}"] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
+            log(f"profile {key} {kind} FAILED: {type(exc).__name__}: {str(exc)[:200]}")
+
+    def profile(self, key: str, kind: str, fn: Callable[[int], Any], m: Dict[str, Any]) -> None:
+        """Where the time of ``fn`` goes: ``--profile-steps`` calls under ``torch.profiler``, every GPU kernel's
+        time summed by :func:`kernel_category` (on the CPU: the ``aten::`` operators' self time), per call.
+
+        The profiled calls run slower on the host than the timed ones; the device time of the kernels does
+        not change, so ``device_busy_fraction`` (kernel time over the time measured without the profiler) shows
+        how much of a step the GPU spends waiting for the host."""
+        steps = self.args.profile_steps
+        if steps <= 0 or self.time_left() < 20:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.timer.sync()
+        with profile(activities=acts) as prof:
+            for i in range(steps):
+                fn(10_000 + i)
+            self.timer.sync()
+        total: Dict[str, float] = {}
+        count: Dict[str, int] = {}
+        for e in prof.events():
+            if self.cuda:
+                if not str(e.device_type).endswith("CUDA"):
+                    continue
+                us = float(e.time_range.elapsed_us())
+            else:
+                if not e.name.startswith("aten::"):
+                    continue
+                us = float(e.self_cpu_time_total)
+            total[e.name] = total.get(e.name, 0.0) + us
+            count[e.name] = count.get(e.name, 0) + 1
+        if not total:
+            raise RuntimeError("the profiler saw no " + ("CUDA kernels (is CUPTI available?)" if self.cuda
+                                                         else "aten operators"))
+        cats = {c: 0.0 for c in PROFILE_CATEGORIES}
+        for name, us in total.items():
+            cats[kernel_category(name)] += us / 1e3 / steps
+        busy = sum(total.values()) / 1e3 / steps
+        measured = m["s_per_call"] * 1e3
+        top = sorted(total, key=total.get, reverse=True)[:12]
+        res = dict(
+            kind=kind, steps=steps, what="CUDA kernels" if self.cuda else "aten operators (self CPU time)",
+            measured_ms_per_call=round(measured, 3), busy_ms_per_call=round(busy, 3),
+            device_busy_fraction=round(busy / measured, 3) if measured > 0 else None,
+            kernels_per_call=round(sum(count.values()) / steps, 1),
+            categories_ms_per_call={c: round(v, 3) for c, v in cats.items() if v > 0},
+            top=[dict(name=n[:100], category=kernel_category(n), ms_per_call=round(total[n] / 1e3 / steps, 3),
+                      calls_per_call=round(count[n] / steps, 2)) for n in top])
+        self.results.setdefault("profiles", {})[f"{key} {kind}"] = res
+        parts = ", ".join(f"{c} {v:.2f}" for c, v in sorted(res["categories_ms_per_call"].items(), key=lambda kv: -kv[1]))
+        log(f"profile {key} {kind}: {busy:.2f} ms busy of {measured:.2f} ms per call "
+            f"({res['kernels_per_call']:.0f} {res['what']}): {parts}")
+        self.write_json()
 
     def conv_floor(self, shapes: List[Dict[str, Any]]) -> None:
         """Time every convolution of the network on its own and add them up: a practical floor.
@@ -657,9 +763,13 @@ class Run:
             mp = self.timer.measure(lambda i: plain(batch()), warmup=self.size["warmup"], reps=self.size["reps"],
                                     min_rep_s=self.size["min_rep_s"], time_left=self.time_left)
             self.record_train(row, mp, fast, note=plain.note)
+            if mode == "bf16_cl_compile":
+                self.try_profile(key, "train", lambda i: plain(batch()), mp)
             del plain
         else:
             self.record_train(row, m, fast)
+            if mode == "bf16_cl_compile":
+                self.try_profile(key, "train", lambda i: step(batch()), m)
         if graph_key:
             grow = self.row(graph_key)
             try:
@@ -769,6 +879,8 @@ class Run:
         m = self.timer.measure(lambda i: fwd(*xs[i % 3]), warmup=self.size["warmup"], reps=self.size["reps"],
                                min_rep_s=self.size["min_rep_s"], time_left=self.time_left)
         self.record_infer(row, m, fast)
+        if mode == "bf16_cl_compile":
+            self.try_profile(key, "infer", lambda i: fwd(*xs[i % 3]), m)
         best_fwd = fwd
         if graph_key:
             grow = self.row(graph_key)
@@ -971,7 +1083,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     p.add_argument("--size", default=None, choices=sorted(SIZES), help="full (default on CUDA) or tiny (CPU CI)")
-    p.add_argument("--budget-s", type=float, default=360.0,
+    p.add_argument("--budget-s", type=float, default=380.0,
                    help="time budget in seconds; no new mode starts when its estimate would overrun it")
     p.add_argument("--hard-limit-s", type=float, default=None,
                    help="write what was measured and exit at this time (default: budget + 30 s)")
@@ -986,6 +1098,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                    help="intra-op threads on the CPU (default 1: immune to oversubscription on shared CI machines)")
     p.add_argument("--loss-check-steps", type=int, default=None,
                    help="steps of the fast-vs-fp32 loss-curve check on CUDA (default 40 at full size; 0: off)")
+    p.add_argument("--profile-steps", type=int, default=5,
+                   help="calls of each compiled mode under torch.profiler, summed by kind of kernel (0: off)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.size is None:

@@ -76,6 +76,14 @@ def test_benchmark_tiny_cpu_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ratio vs diffusers" in printed and "projected 50,000 samples" in printed
     assert "convolution floor" in printed
+    prof = data["profiles"]["ours:bf16_cl_compile train"]  # ours' compiled step (the fast path's) under the profiler
+    assert "error" not in prof, prof
+    assert prof["busy_ms_per_call"] == pytest.approx(sum(prof["categories_ms_per_call"].values()), abs=0.01)
+    assert prof["categories_ms_per_call"]["convolution"] > 0 and prof["steps"] == 5 and prof["top"]
+    assert "profile ours:bf16_cl_compile train" in printed
+    section = _load_record().render(data, path.name)  # record.py puts the profiles into a table
+    assert "Where the time goes" in section and "| `ours:bf16_cl_compile train` |" in section
+    assert f"| **busy, all kinds** | **{prof['busy_ms_per_call']:.2f}** |" in section
 
 
 def test_plain_step_trains_the_diffusers_network():
@@ -197,3 +205,34 @@ def test_record_rejects_bad_input(tmp_path):
         record.replace_section("no markers here", "x")
     assert record.public_command("python t.py --device cuda --out /tmp/x --json-path=/a/b.json --size full") == \
         "python t.py --device cuda --size full"
+
+
+def test_kernel_categories():
+    """The profile groups kernels by name: typical CUDA kernel names of the two networks' steps, and aten ops."""
+    bench = _load()
+    cases = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+        "sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+        "nvjet_tst_128x64_64x6_1x1_h_bz_TNT": "matmul",
+        "triton_red_fused_native_group_norm_silu_3": "GroupNorm (fused, Triton)",
+        "triton_poi_fused_add_convolution_5": "other fused (Triton)",
+        "triton_tem_fused_mm_7": "matmul",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<256, 64, 64, 4>>": "attention",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float>>": "optimizer, clip, EMA",
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>": "copy, layout, indexing",
+        "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>": "GroupNorm (eager)",
+        "void at::native::(anonymous namespace)::fused_dropout_kernel_vec<float>": "random numbers",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "other elementwise, reductions",
+        "Memcpy DtoD (Device -> Device)": "copy, layout, indexing",
+        "aten::mkldnn_convolution": "convolution",
+        "aten::native_group_norm_backward": "GroupNorm (eager)",
+        "aten::_fused_adam_": "optimizer, clip, EMA",
+        "aten::addmm": "matmul",
+        "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+        "aten::cat": "copy, layout, indexing",
+        "aten::silu": "other elementwise, reductions",
+    }
+    for name, want in cases.items():
+        assert bench.kernel_category(name) == want, name
+        assert want in bench.PROFILE_CATEGORIES
