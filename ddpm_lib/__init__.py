@@ -40,6 +40,7 @@ from .trainer import (
     CheckpointError,
     NonFiniteLossError,
     TrainConfig,
+    TrainingOutOfMemoryError,
     Trainer,
     export_checkpoint,
     load_checkpoint,
@@ -69,7 +70,7 @@ __all__ = [
     "load_dataset", "load_digits", "make_loader", "random_hflip", "save_image_grid", "to_uint8",
     "toy_data", "toy_mixture",
     # training, checkpoints and metrics
-    "EMA", "TrainConfig", "Trainer", "train", "CheckpointError", "NonFiniteLossError",
+    "EMA", "TrainConfig", "Trainer", "train", "CheckpointError", "NonFiniteLossError", "TrainingOutOfMemoryError",
     "export_checkpoint", "load_checkpoint", "load_pretrained", "pretrained_path",
     "BPDResult", "FDResult", "FIDUnavailableError", "bits_per_dim", "fd_fashion", "fid",
     "energy_distance", "frechet_distance", "mmd_rbf",

@@ -458,7 +458,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (0 success, 1 error, 2 bad usage, 130 interrupted)."""
     from .data import DatasetUnavailableError
     from .metrics import FIDUnavailableError
-    from .trainer import CheckpointError, NonFiniteLossError
+    from .trainer import CheckpointError, NonFiniteLossError, TrainingOutOfMemoryError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -467,7 +467,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (DatasetUnavailableError, CheckpointError, NonFiniteLossError, FIDUnavailableError, ValueError,
+    except (DatasetUnavailableError, CheckpointError, NonFiniteLossError, TrainingOutOfMemoryError,
+            FIDUnavailableError, ValueError,
             FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1

@@ -44,6 +44,11 @@ Non-finite losses
     checkpoint is ever written after a bad update: the last good checkpoint stays on disk. Before a
     checkpoint is written the weights themselves are also checked.
 
+Out of memory
+    A GPU out-of-memory error in a training step raises :class:`TrainingOutOfMemoryError` (a
+    ``torch.cuda.OutOfMemoryError``) whose message names the GPU, its memory, the batch size and what to
+    change. The failed step's tensors are released first, so a notebook can go on in the same session.
+
 Files written to ``out_dir``: ``last.pt`` (the checkpoint), ``config.json``, ``loss_history.json``
 (a list of ``[step, mean loss over the last log_every steps]``) and ``loss_history.csv``, and
 ``samples/step_XXXXXXX.png`` (a DDIM sample grid from the EMA weights every ``sample_every`` steps).
@@ -112,6 +117,17 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(message)
         self.step = step
         self.checkpoint = checkpoint
+
+
+class TrainingOutOfMemoryError(torch.cuda.OutOfMemoryError):
+    """The GPU ran out of memory in a training step; the message names the GPU, the batch and what to change.
+
+    Raised in place of PyTorch's ``torch.cuda.OutOfMemoryError`` (so ``except torch.cuda.OutOfMemoryError``
+    still catches it), without holding on to the failed step's tensors: the gradients are dropped and the
+    allocator's cache is emptied, so a notebook can build a smaller trainer in the same session. The run
+    stops with ``trainer.step`` at the last completed update (out-of-memory errors come from the forward
+    and backward passes, before the update, where nearly all of a step's memory is allocated).
+    """
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -826,6 +842,7 @@ class Trainer:
 
         Raises:
             NonFiniteLossError: the loss became NaN/inf (the last good checkpoint stays on disk).
+            TrainingOutOfMemoryError: the GPU ran out of memory; the message says what to change.
         """
         from tqdm.auto import tqdm
 
@@ -851,7 +868,17 @@ class Trainer:
         try:
             while (target is None or self.step < target) and time.perf_counter() < deadline:
                 self._consistent = False
-                self._train_step()
+                oom = None
+                try:
+                    self._train_step()
+                except torch.cuda.OutOfMemoryError as exc:
+                    if isinstance(exc, TrainingOutOfMemoryError):
+                        raise
+                    oom = self._oom_message(exc)  # ``exc`` (and the step's tensors it holds) ends here
+                if oom is not None:
+                    pbar.close()
+                    self._free_after_oom()
+                    raise TrainingOutOfMemoryError(oom)
                 self.step += 1
                 self._consistent = True
                 pbar.update(1)
@@ -902,6 +929,38 @@ class Trainer:
             raise KeyboardInterrupt(f"training interrupted at step {self.step}; checkpoint saved to "
                                     f"{self.last_checkpoint}")
         return list(self.history)
+
+    def _oom_message(self, exc: BaseException) -> str:
+        cfg = self.cfg
+        where = f"batch_size {cfg.batch_size}"
+        if self.device.type == "cuda":
+            with contextlib.suppress(Exception):
+                props = torch.cuda.get_device_properties(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device)
+                where += (f", on {props.name} with {props.total_memory / 2**30:.1f} GiB, of which this process had "
+                          f"{peak / 2**30:.1f} GiB allocated at its peak")
+        hints = [f"a smaller batch_size (e.g. {max(1, cfg.batch_size // 2)}; --batch-size on the command line)",
+                 "a smaller model (a smaller preset, or a smaller ch)"]
+        if not self.use_bf16:
+            hints.append("bf16=True on a GPU with native bfloat16 (compute capability 8.0 or newer: A100, L4, "
+                         "H100), which roughly halves the activations' memory")
+        if self._images is not None and self._images.device.type == "cuda":
+            hints.append(f"data_on_device=False (the training set holds "
+                         f"{self._images.numel() * self._images.element_size() / 2**30:.2f} GiB of the GPU)")
+        hints.append("freeing what other models or notebooks hold on this GPU (in Colab: Runtime > Restart "
+                     "session, then run the chapter from the top)")
+        ckpt = (f"The last checkpoint is {self.last_checkpoint}." if self.last_checkpoint is not None
+                else "No checkpoint was written.")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (f"the GPU ran out of memory in training step {self.step + 1} ({where}). Try {'; '.join(hints)}. "
+                f"{ckpt} PyTorch said: {first}")
+
+    def _free_after_oom(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._consistent = True  # the weights are those of the last completed update
+        if self.device.type == "cuda":
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
 
     def _install_sigint(self):
         if threading.current_thread() is not threading.main_thread():

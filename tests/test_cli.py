@@ -144,3 +144,16 @@ def test_python_m_missing_checkpoint_subprocess(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint not found") and "nope.pt" in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_train_out_of_memory_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    from ddpm_lib.trainer import Trainer
+
+    def oom(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(Trainer, "_train_step", oom)
+    assert main(["train", *TINY, "--steps", "2", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the GPU ran out of memory in training step 1 (batch_size 8)")
+    assert "--batch-size on the command line" in err and len(err.splitlines()) == 1

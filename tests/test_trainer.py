@@ -12,6 +12,7 @@ from ddpm_lib.trainer import (
     CheckpointError,
     NonFiniteLossError,
     Trainer,
+    TrainingOutOfMemoryError,
     TrainConfig,
     export_checkpoint,
     load_checkpoint,
@@ -300,6 +301,43 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(digits, tmp_path):
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert str(tmp_path / "last.pt") in str(e.value)
+
+
+def test_out_of_memory_says_what_to_change_and_lets_go(digits, tmp_path):
+    """A GPU out-of-memory error (simulated: PyTorch's exception, raised in the forward pass of step 4) becomes
+    a TrainingOutOfMemoryError naming the batch size and the remedies; the failed step's tensors are not held
+    (no chained exception, no gradients), and the same trainer goes on afterwards."""
+    import weakref
+
+    tr = _trainer(digits, tmp_path, save_every=2)
+    calls, held = [], []
+
+    def oom(module, args, output):
+        calls.append(1)
+        if len(calls) == 4:
+            held.append(weakref.ref(output))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return output
+
+    handle = tr.model.register_forward_hook(oom)
+    with pytest.raises(TrainingOutOfMemoryError) as e:
+        tr.train(steps=STEPS)
+    err = e.value
+    assert isinstance(err, torch.cuda.OutOfMemoryError)
+    msg = str(err)
+    assert "ran out of memory in training step 4 (batch_size 8" in msg
+    assert "a smaller batch_size (e.g. 4" in msg and "bf16=True" in msg and "Runtime > Restart" in msg
+    assert f"The last checkpoint is {tmp_path / 'last.pt'}" in msg and "Tried to allocate 2.00 GiB" in msg
+    assert err.__context__ is None and err.__cause__ is None  # the failed step's traceback is not kept
+    del err, e
+    import gc
+
+    gc.collect()
+    assert held[0]() is None  # the failed forward's output was freed
+    assert tr.step == 3 and all(p.grad is None for p in tr.model.parameters())
+    handle.remove()
+    tr.train(steps=STEPS)  # the same trainer goes on
+    assert tr.step == STEPS
 
 
 def test_infinite_lr_never_saves_bad_weights(digits, tmp_path):
