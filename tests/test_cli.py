@@ -157,3 +157,34 @@ def test_train_out_of_memory_is_one_clear_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: the GPU ran out of memory in training step 1 (batch_size 8)")
     assert "--batch-size on the command line" in err and len(err.splitlines()) == 1
+
+
+def test_sample_fast_path_is_wired_through(run, tmp_path, capsys):
+    """--fast on routes the network through accel.make_sampler_forward (bf16, channels_last and CUDA graphs
+    on CUDA): on the CPU it changes nothing, so the samples are identical; conditional + guidance included."""
+    out = {}
+    for fast in ("on", "off"):
+        npz = tmp_path / f"{fast}.npz"
+        assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "5", "--batch-size", "3", "--steps", "3",
+                     "--eta", "1", "--fast", fast, "--device", "cpu", "--no-progress", "--out", str(npz)]) == 0
+        out[fast] = np.load(npz)["arr_0"]
+    np.testing.assert_array_equal(out["on"], out["off"])
+    assert "fast sampling on cpu: bf16 False, channels_last False, compile False, CUDA graph False" in \
+        capsys.readouterr().out
+    assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "2", "--steps", "2", "--compile", "--fast", "off",
+                 "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 1
+    assert "--compile needs the fast path" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sample_fast_path_on_cuda_matches_float32(run, tmp_path):
+    """On CUDA, --fast auto (bf16 where native, channels_last, CUDA graphs) gives the float32 samples within
+    bf16 tolerance (the same x_T and noise: the generator is on the CPU)."""
+    out = {}
+    for fast in ("auto", "off"):
+        npz = tmp_path / f"{fast}.npz"
+        assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "6", "--batch-size", "4", "--steps", "5",
+                     "--fast", fast, "--device", "cuda", "--no-progress", "--out", str(npz)]) == 0
+        out[fast] = np.load(npz)["arr_0"].astype(np.float64)
+    assert np.abs(out["auto"] - out["off"]).mean() < 3.0  # uint8 levels, out of 255
