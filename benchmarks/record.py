@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "benchmarks" / "RESULTS.md", ROOT / "book" / "gpu_speed.md"]
 BEGIN, END = "<!-- measured:begin -->", "<!-- measured:end -->"
+TRAINER_MODES = {"trainer": "its defaults", "trainer_graph": "cuda_graph=True",
+                 "trainer_fast": "compile=True, cuda_graph=True"}
 REQUIRED = ["card", "torch", "train_images_per_s", "infer_images_per_s", "diffusers_best_train_images_per_s",
             "diffusers_best_infer_images_per_s", "train_ratio_vs_diffusers", "infer_ratio_vs_diffusers", "modes"]
 
@@ -162,11 +164,12 @@ def render(data: Dict[str, Any], json_name: str) -> str:
                    f"(`{d.get('diffusers_best_train_mode_ddpm_step')}`), and ddpm_lib's best is "
                    f"**{_n(d['train_ratio_vs_diffusers_ddpm_step'], '{:.2f}')}×** that.")
     for r in d["modes"]:
-        if r["network"] == "ours" and r["mode"] in ("trainer", "trainer_compile") and r.get("train_images_per_s"):
-            out.append(f"- `ddpm_lib.Trainer` itself (`{r['mode']}`: "
-                       f"{'its defaults' if r['mode'] == 'trainer' else 'compile=True'} on this GPU, its own loop "
-                       f"with logging): {_n(r['train_images_per_s'])} images/s, {_ratio(r['train_images_per_s'], dt)} "
-                       f"diffusers' best.")
+        if r["network"] == "ours" and r["mode"] in TRAINER_MODES and r.get("train_images_per_s"):
+            graphed = ("" if r["mode"] == "trainer" or r.get("train_cuda_graph", True)
+                       else "; **the CUDA graph was not used**, see the JSON's note")
+            out.append(f"- `ddpm_lib.Trainer` itself (`{r['mode']}`: {TRAINER_MODES[r['mode']]} on this GPU, its own "
+                       f"loop with logging{graphed}): {_n(r['train_images_per_s'])} images/s, "
+                       f"{_ratio(r['train_images_per_s'], dt)} diffusers' best.")
     out.append(f"- **Inference:** ddpm_lib {_n(d['infer_images_per_s'])} images/s (`{d.get('infer_best_mode')}`) "
                f"against diffusers' best {_n(di)} (`{d.get('diffusers_best_infer_mode')}`): "
                f"**{_n(inf_ratio, '{:.2f}')}×** ({_verdict(inf_ratio, targets['infer_ratio'])}).")

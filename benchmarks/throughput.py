@@ -87,8 +87,11 @@ SIZES = {
                  image=16, data_n=32, min_rep_s=0.0, reps=3, peak_n=256, warmup=1, overrides=dict(ch=16)),
 }
 ALL_MODES = ["ours:fast", "ours:bf16_cl_compile", "diffusers:bf16_cl_compile", "diffusers:bf16_cl_compile_graph",
-             "ours:bf16_cl", "diffusers:bf16_cl", "ours:fp32", "diffusers:fp32", "ours:trainer", "ours:trainer_compile"]
-BASELINE_MODES = ("fp32", "bf16_cl", "bf16_cl_compile")  # diffusers' best is taken over these (the issue)
+             "ours:bf16_cl", "diffusers:bf16_cl", "ours:fp32", "diffusers:fp32", "ours:trainer", "ours:trainer_graph", "ours:trainer_fast"]
+BASELINE_MODES = ("fp32", "bf16_cl", "bf16_cl_compile")
+# ddpm_lib.Trainer's own loop: its defaults, then with a CUDA graph, then compiled and graphed
+TRAINER_MODES = {"trainer": {}, "trainer_graph": {"cuda_graph": True},
+                 "trainer_fast": {"compile": True, "cuda_graph": True}}  # diffusers' best is taken over these (the issue)
 NUM_SAMPLES, DDPM_STEPS, DDIM_STEPS = 50_000, 1000, 50
 T0 = time.perf_counter()
 
@@ -813,18 +816,20 @@ class Run:
         self.release(reset_dynamo=False)
 
     def trainer_group(self, master: nn.Module, mode: str) -> None:
-        """Time :class:`ddpm_lib.Trainer` itself, with its defaults on this device (``trainer``) or with
-        ``compile=True`` (``trainer_compile``): the rate a user of the library gets, including the trainer's
-        own loop (warm-up schedule, logging every ``log_every`` steps, its non-finite check)."""
+        """Time :class:`ddpm_lib.Trainer` itself (:data:`TRAINER_MODES`): with its defaults on this device
+        (``trainer``), with ``cuda_graph=True`` (``trainer_graph``) and with ``compile=True, cuda_graph=True``
+        (``trainer_fast``): the rate a user of the library gets, including the trainer's own loop (warm-up
+        schedule, logging every ``log_every`` steps, its non-finite check)."""
         from ddpm_lib.trainer import Trainer
 
         key = f"ours:{mode}"
         row = self.row(key)
         B = self.size["train_batch"]
         tr = Trainer(copy.deepcopy(master).train(), self.diffusion, self.data, device=self.device, batch_size=B,
-                     progress=False, sample_every=0, save_every=0, compile=(mode == "trainer_compile"))
-        first = self.timer.wall(lambda: tr.train(steps=tr.step + 2))  # compile, cuDNN autotuning, Adam state
-        if mode == "trainer_compile":
+                     progress=False, sample_every=0, save_every=0, **TRAINER_MODES[mode])
+        # compile, cuDNN autotuning, Adam state; with a CUDA graph: three eager steps, then the capture
+        first = self.timer.wall(lambda: tr.train(steps=tr.step + 5))
+        if tr.cfg.compile:
             row["train_compile_s"] = round(first, 1)
         est = self.timer.wall(lambda: tr.train(steps=tr.step + 5)) / 5
         k = max(5, int(math.ceil(max(self.size["min_rep_s"], 0.05) / max(est, 1e-6))))
@@ -838,11 +843,15 @@ class Run:
         m = dict(s_per_call=med, calls_per_rep=k, reps=reps, spread=(max(times) - min(times)) / med)
         settings = SimpleNamespace(compiled=tr.compiled, bf16=tr.use_bf16, channels_last=tr.use_channels_last,
                                    compile_error=None)
+        graphed = bool(tr._step_fn is not None and tr._step_fn.graphed)
+        opts = ", ".join(f"{k}={v}" for k, v in TRAINER_MODES[mode].items()) or "defaults"
+        why = f" ({tr._step_fn.graph_error})" if tr._step_fn is not None and tr._step_fn.graph_error else ""
         self.record_train(row, m, settings,
-                          note=(f"ddpm_lib.Trainer ({'compile=True' if mode == 'trainer_compile' else 'defaults'}): "
+                          note=(f"ddpm_lib.Trainer ({opts}): "
                                 f"bf16 {tr.use_bf16}, channels_last {tr.use_channels_last}, fused Adam {tr.fused}, "
-                                f"compiled {tr.compiled}, no CUDA graph; wall clock of train() over {k} steps, "
-                                f"logging every {tr.cfg.log_every}"))
+                                f"compiled {tr.compiled}, CUDA graph {graphed}{why}; wall clock of train() over {k} "
+                                f"steps, logging every {tr.cfg.log_every}"))
+        row["train_cuda_graph"] = graphed
         del tr
         self.release(reset_dynamo=False)
 
@@ -1036,7 +1045,7 @@ class Run:
         if not self.cuda:  # CUDA graphs: on the CPU "fast" is the compiled path alone
             want.discard("diffusers:bf16_cl_compile_graph")
             if self.args.modes == "all":  # the Trainer compiles with inductor: minutes of C++ on a CPU
-                want.discard("ours:trainer_compile")
+                want.discard("ours:trainer_fast")
         what = {w.strip() for w in self.args.what.split(",")}
         jobs = []
 
@@ -1059,17 +1068,19 @@ class Run:
         for net in ("diffusers", "ours"):
             if net == "ours" and "train" in what and "ours:trainer" in want:
                 add("ours", "trainer", "train", est=30.0)  # what ddpm_lib.Trainer gives with its defaults
+            if net == "ours" and "train" in what and "ours:trainer_graph" in want:
+                add("ours", "trainer_graph", "train", est=35.0)
             for mode in ("bf16_cl", "fp32"):
                 for kind in ("train", "infer"):
                     if kind in what and f"{net}:{mode}" in want:
                         add(net, mode, kind, est=8.0)
-        if "train" in what and "ours:trainer_compile" in want:
-            add("ours", "trainer_compile", "train", est=90.0)
+        if "train" in what and "ours:trainer_fast" in want:
+            add("ours", "trainer_fast", "train", est=90.0)
         return jobs
 
     def estimate(self, job) -> float:
         extra = 5.0 if (job["net"] == "diffusers" and job["kind"] == "train" and self.cuda) else 0.0
-        if job["mode"] == "trainer_compile":
+        if job["mode"] == "trainer_fast":
             measured = self.compile_s.get("ours:train")
             return (measured + 20.0) if measured is not None else job["est"]
         if job["mode"] != "bf16_cl_compile" or self.compile_backend() != "inductor":

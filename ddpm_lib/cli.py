@@ -28,7 +28,7 @@ _TRAIN_FLAGS = {
     "ema_decay": "ema_decay", "ema_warmup": "ema_warmup", "cond_drop_prob": "cond_drop_prob", "hflip": "hflip",
     "log_every": "log_every", "save_every": "save_every", "sample_every": "sample_every",
     "sample_n": "sample_n", "sample_steps": "sample_steps", "seed": "seed", "bf16": "bf16",
-    "channels_last": "channels_last", "compile": "compile",
+    "channels_last": "channels_last", "compile": "compile", "cuda_graph": "cuda_graph",
 }
 
 
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channels_last memory format [auto: on with CUDA]")
     h.add_argument("--compile", type=_auto_bool, default=None, metavar="on|off|auto",
                    help="torch.compile the network; auto: try on CUDA, fall back to eager [off]")
+    h.add_argument("--cuda-graph", type=_auto_bool, default=None, metavar="on|off|auto",
+                   help="capture the whole update (forward, backward, clip, Adam, EMA) in one CUDA graph after "
+                        "three eager steps and replay it; auto: on with CUDA [off]")
     h.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
     t.set_defaults(func=_cmd_train)
 
@@ -302,7 +305,8 @@ def _cmd_train(args) -> int:
     _say(f"training {trainer.preset or 'model'} ({n_params:,} parameters) on {trainer.data_info.get('name')} "
          f"{trainer.data_info.get('shape')} on {trainer.device}: batch {c.batch_size}, lr {c.lr:g}, warm-up "
          f"{c.warmup}, grad clip {c.grad_clip}, EMA {c.ema_decay}{' (warm-up)' if c.ema_warmup else ''}, "
-         f"bf16 {trainer.use_bf16}, channels_last {trainer.use_channels_last}, compile {c.compile}; "
+         f"bf16 {trainer.use_bf16}, channels_last {trainer.use_channels_last}, compile {c.compile}, "
+         f"CUDA graph {trainer.use_cuda_graph}; "
          f"until step {steps if steps is not None else '-'}"
          f"{f' or {args.minutes:g} min' if args.minutes else ''}")
     try:

@@ -20,7 +20,11 @@ Dropout is the model's own (0.1 in the paper's CIFAR-10 network). On CUDA the st
 autocast with float32 master weights (on GPUs with native bf16, compute capability 8.0 or newer; a T4
 or V100 trains in float32), in ``channels_last`` memory format, with fused Adam, optionally
 under ``torch.compile``; the data set is moved to the GPU once and batches are drawn there by index,
-so the loop never waits for the host.
+so the loop never waits for the host. ``cuda_graph=True`` (off by default) runs each update through
+:func:`ddpm_lib.accel.make_train_step`: after three eager steps the whole update (forward, backward,
+clipping, Adam, EMA) is captured in one CUDA graph and replayed, with a capturable fused Adam whose
+learning rate lives on the device; ``t`` and the noise then come from a generator of their own (saved in
+checkpoints like the others), so a run with graphs draws other numbers than one without.
 
 Steps, checkpoints and resuming
     ``trainer.step`` counts the optimizer updates done. ``train(steps=N)`` trains until ``step == N``
@@ -138,7 +142,10 @@ class TrainConfig:
     See the module docstring for what each means. ``bf16``, ``channels_last``, ``fused`` and
     ``data_on_device`` accept ``"auto"`` (on for CUDA, off elsewhere; ``bf16`` only on GPUs with native
     bfloat16, see :func:`ddpm_lib.accel.bf16_native`); ``compile`` is ``False``,
-    ``True`` or ``"auto"`` (try ``torch.compile`` on CUDA and fall back to eager on any failure).
+    ``True`` or ``"auto"`` (try ``torch.compile`` on CUDA and fall back to eager on any failure);
+    ``cuda_graph`` is ``False`` (the default for now), ``True`` or ``"auto"`` (on for CUDA): the step through
+    :func:`ddpm_lib.accel.make_train_step`, replayed from one CUDA graph (on a CPU, ``True`` runs the same
+    step code without a graph).
     ``sample_every``/``save_every``/``log_every`` of ``0`` or None switch the action off (a
     checkpoint is still written at the end when there is an ``out_dir``).
     """
@@ -156,6 +163,7 @@ class TrainConfig:
     bf16: Union[bool, str] = "auto"
     channels_last: Union[bool, str] = "auto"
     compile: Union[bool, str] = False
+    cuda_graph: Union[bool, str] = False
     fused: Union[bool, str] = "auto"
     data_on_device: Union[bool, str] = "auto"
     seed: int = 0
@@ -194,7 +202,7 @@ class TrainConfig:
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         if len(self.adam_betas) != 2:
             raise ValueError(f"adam_betas must be two numbers, got {self.adam_betas!r}")
-        for name in ("bf16", "channels_last", "fused", "data_on_device", "compile"):
+        for name in ("bf16", "channels_last", "fused", "data_on_device", "compile", "cuda_graph"):
             v = getattr(self, name)
             if not (isinstance(v, bool) or v == "auto"):
                 raise ValueError(f"{name} must be True, False or 'auto', got {v!r}")
@@ -614,16 +622,26 @@ class Trainer:
         if not params:
             raise ValueError("model has no trainable parameters")
         self._params = params
+        # the step through accel.TrainStep (a CUDA graph on CUDA; the same code without one elsewhere)
+        self._use_train_step = _resolve_auto(config.cuda_graph, cuda)
+        self.use_cuda_graph = self._use_train_step and cuda
         adam_kw: Dict[str, Any] = dict(lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)
         use_fused = _resolve_auto(config.fused, cuda)
-        if use_fused:
-            adam_kw["fused"] = True
-        try:
-            self.optimizer = torch.optim.Adam(params, **adam_kw)
-        except (RuntimeError, TypeError, ValueError):
-            adam_kw.pop("fused", None)
-            self.optimizer = torch.optim.Adam(params, **adam_kw)
-        self.fused = bool(adam_kw.get("fused", False))
+        if self.use_cuda_graph:
+            from .accel import make_optimizer
+
+            self.optimizer = make_optimizer(params, config.lr, config.adam_betas, config.adam_eps,
+                                            fused=use_fused, capturable=True)
+            self.fused = bool(self.optimizer.param_groups[0].get("fused", False))
+        else:
+            if use_fused:
+                adam_kw["fused"] = True
+            try:
+                self.optimizer = torch.optim.Adam(params, **adam_kw)
+            except (RuntimeError, TypeError, ValueError):
+                adam_kw.pop("fused", None)
+                self.optimizer = torch.optim.Adam(params, **adam_kw)
+            self.fused = bool(adam_kw.get("fused", False))
         self._forward = self.model  # replaced by the compiled module when compiling
         self._compile_mode = config.compile if not (config.compile == "auto" and not cuda) else False
         self._compile_pending = bool(self._compile_mode)
@@ -638,6 +656,19 @@ class Trainer:
             self.data_gen = torch.Generator(device=self._images.device).manual_seed(config.seed + 2)
         else:
             self.data_gen = self.gen
+        self._step_fn = None
+        self.step_gen: Optional[torch.Generator] = None
+        if self._use_train_step:
+            from .accel import FastModel, TrainStep
+
+            # t and the noise inside the captured step: a generator of their own, used by nothing else
+            self.step_gen = torch.Generator(device=self.device).manual_seed(config.seed + 3)
+            fast = FastModel(self.model, self.device, self.use_bf16, self.use_channels_last,
+                             compile=bool(self._compile_mode))
+            self._compile_pending = False  # FastModel compiles (and falls back to eager on a failure)
+            self._step_fn = TrainStep(fast, diffusion, self.optimizer, self.ema, grad_clip=config.grad_clip,
+                                      cuda_graph=self.use_cuda_graph, generator=self.step_gen, warmup_calls=3)
+            self.compiled = fast.compiled
 
         # ---- bookkeeping
         self.step = 0
@@ -761,6 +792,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = self._next_batch()
+        if self._step_fn is not None:
+            self._graph_train_step(x, y, step, lr)
+            return
         if self._compile_pending:
             loss = self._first_compiled_step(x, y)
         else:
@@ -782,6 +816,20 @@ class Trainer:
         self.ema.update(self.model, step)
         self._loss_sum += loss.detach()
         self._loss_count += 1
+
+    def _graph_train_step(self, x, y, step: int, lr: float) -> None:
+        """One update through :class:`ddpm_lib.accel.TrainStep` (replayed from a CUDA graph once warm)."""
+        loss, gnorm = self._step_fn(x, y, lr=lr, step=step)
+        self.compiled = self._step_fn.fast.compiled
+        bad = ~torch.isfinite(loss)
+        if gnorm is not None:
+            bad = bad | ~torch.isfinite(gnorm)
+        here = torch.full((), step + 1, dtype=torch.long, device=self.device)
+        self._first_bad = torch.where((self._first_bad < 0) & bad, here, self._first_bad)
+        self._loss_sum += loss  # the graph's output buffer: used before the next replay
+        self._loss_count += 1
+        if self._sync_each_step:
+            self._check_finite()  # on the CPU: at once (the update is already applied; no checkpoint has it)
 
     def _first_compiled_step(self, x, y) -> torch.Tensor:
         """Compile the forward pass on the first step; with ``compile="auto"`` fall back to eager on failure."""
@@ -920,6 +968,7 @@ class Trainer:
             "bf16": self.use_bf16,
             "channels_last": self.use_channels_last,
             "fused_adam": self.fused,
+            "cuda_graph": bool(self._step_fn is not None and self._step_fn.graphed),
         }
         if self.out_dir is not None:
             self.save()
@@ -1067,6 +1116,8 @@ class Trainer:
         rng: Dict[str, Any] = {"torch": torch.get_rng_state(), "gen": self.gen.get_state()}
         if self.data_gen is not self.gen:
             rng["data_gen"] = self.data_gen.get_state()
+        if self.step_gen is not None:
+            rng["step_gen"] = self.step_gen.get_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return rng
@@ -1117,6 +1168,12 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{path}: cannot restore the training state: {str(exc).splitlines()[0]}") from None
+        for group in self.optimizer.param_groups:  # this trainer's kind of step, whatever wrote the checkpoint
+            lr = float(group["lr"])
+            group["capturable"] = self.use_cuda_graph
+            group["lr"] = torch.tensor(lr, dtype=torch.float32, device=self.device) if self.use_cuda_graph else lr
+        if self._step_fn is not None:
+            self._step_fn.reset()  # the graph (if any) read the replaced optimizer state
         self.step = int(state["step"])
         self.history = [(int(s), float(l)) for s, l in state.get("history", [])]
         win = state.get("loss_window") or {}
@@ -1129,6 +1186,8 @@ class Trainer:
             self.gen.set_state(rng["gen"])
         if "data_gen" in rng and self.data_gen is not self.gen:
             self.data_gen.set_state(rng["data_gen"])
+        if "step_gen" in rng and self.step_gen is not None:
+            self.step_gen.set_state(rng["step_gen"])
         if "cuda" in rng and torch.cuda.is_available():
             states = rng["cuda"]
             if len(states) == torch.cuda.device_count():

@@ -29,7 +29,7 @@ def test_benchmark_tiny_cpu_writes_json(tmp_path, capsys):
     t0 = time.perf_counter()
     # ours' fast path (compiled by dynamo's eager backend on the CPU) and fp32; diffusers' bf16 eager and fp32
     out = bench.main(["--device", "cpu", "--size", "tiny", "--out", str(tmp_path), "--budget-s", "45",
-                      "--modes", "ours:fast,ours:fp32,ours:trainer,diffusers:bf16_cl,diffusers:fp32",
+                      "--modes", "ours:fast,ours:fp32,ours:trainer,ours:trainer_graph,diffusers:bf16_cl,diffusers:fp32",
                       "--loss-check-steps", "4"])
     elapsed = time.perf_counter() - t0
     assert elapsed < 60, f"the tiny CPU benchmark took {elapsed:.0f} s"
@@ -49,6 +49,9 @@ def test_benchmark_tiny_cpu_writes_json(tmp_path, capsys):
     assert modes[("ours", "fast")]["train_images_per_s"] > 0
     trainer = modes[("ours", "trainer")]  # ddpm_lib.Trainer itself, with its defaults
     assert trainer["train_images_per_s"] > 0 and trainer["train_note"].startswith("ddpm_lib.Trainer (defaults)")
+    graph = modes[("ours", "trainer_graph")]  # through accel.TrainStep; no CUDA here, so no graph
+    assert graph["train_images_per_s"] > 0 and graph["train_note"].startswith("ddpm_lib.Trainer (cuda_graph=True)")
+    assert graph["train_cuda_graph"] is False and "CUDA graph False" in graph["train_note"]
     if have_diffusers:
         assert data["diffusers_best_train_images_per_s"] > 0 and data["diffusers_best_infer_images_per_s"] > 0
         assert data["train_ratio_vs_diffusers"] > 0 and data["infer_ratio_vs_diffusers"] > 0

@@ -1,5 +1,6 @@
 """The command line: train -> sample (png, npz) -> bpd -> info end to end, resume, errors, --help."""
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -188,3 +189,11 @@ def test_sample_fast_path_on_cuda_matches_float32(run, tmp_path):
                      "--fast", fast, "--device", "cuda", "--no-progress", "--out", str(npz)]) == 0
         out[fast] = np.load(npz)["arr_0"].astype(np.float64)
     assert np.abs(out["auto"] - out["off"]).mean() < 3.0  # uint8 levels, out of 255
+
+
+def test_train_cuda_graph_option(tmp_path, capsys):
+    """--cuda-graph on: the update runs through accel.TrainStep (on the CPU without a graph) and is recorded."""
+    out = tmp_path / "g"
+    assert main(["train", *TINY, "--steps", "2", "--sample-every", "0", "--cuda-graph", "on", "--out", str(out)]) == 0
+    assert "CUDA graph False" in capsys.readouterr().out  # no CUDA here: the same step code, no graph
+    assert json.loads((out / "config.json").read_text())["train"]["cuda_graph"] is True
