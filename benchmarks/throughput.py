@@ -30,7 +30,7 @@ Times are CUDA-event medians over several repetitions after warm-up (compilation
 is reported separately). The most important numbers are measured first; the JSON is rewritten after every
 mode, and the run stops starting new modes when ``--budget-s`` is nearly spent.
 
-    python benchmarks/throughput.py --device cuda                 # the full comparison (~380 s)
+    python benchmarks/throughput.py --device cuda                 # the full comparison (~400 s)
     python benchmarks/throughput.py --device cpu --size tiny      # CI: a tiny network on the CPU (~30 s)
 """
 from __future__ import annotations
@@ -1094,7 +1094,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     p.add_argument("--size", default=None, choices=sorted(SIZES), help="full (default on CUDA) or tiny (CPU CI)")
-    p.add_argument("--budget-s", type=float, default=380.0,
+    p.add_argument("--budget-s", type=float, default=400.0,
                    help="time budget in seconds; no new mode starts when its estimate would overrun it")
     p.add_argument("--hard-limit-s", type=float, default=None,
                    help="write what was measured and exit at this time (default: budget + 30 s)")
