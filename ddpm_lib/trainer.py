@@ -789,12 +789,13 @@ class Trainer:
         cfg = self.cfg
         step = self.step  # 0-based index of this update; it produces self.step + 1
         lr = warmup_lr(step, cfg.lr, cfg.warmup)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         x, y = self._next_batch()
         if self._step_fn is not None:
+            # TrainStep sets the learning rate itself: in place, in the device tensor its CUDA graph reads
             self._graph_train_step(x, y, step, lr)
             return
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         if self._compile_pending:
             loss = self._first_compiled_step(x, y)
         else:

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import signal
+import warnings
 
 import pytest
 import torch
@@ -203,6 +204,19 @@ def test_cuda_graph_training_replays_and_resumes(digits, tmp_path):
     assert ref._step_fn.graphed, ref._step_fn.graph_error
     assert ref.stats["cuda_graph"] and ref.optimizer.param_groups[0]["capturable"]
     assert all(math.isfinite(l) for _, l in ref.history)
+    # the learning rate is the device tensor the graph reads, changed in place (a new tensor would mean a
+    # capture per step): the warm-up's value after step 8 of OPTS' 4 warm-up steps
+    lr = ref.optimizer.param_groups[0]["lr"]
+    assert torch.is_tensor(lr) and lr.device.type == "cuda"
+    assert float(lr) == pytest.approx(warmup_lr(7, 2e-4, 4))
+    graph = ref._step_fn._graph
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref.train(steps=10)
+    assert ref.optimizer.param_groups[0]["lr"] is lr and ref._step_fn._graph is graph  # replayed, not recaptured
+    assert not [w for w in caught if "captur" in str(w.message)], [str(w.message) for w in caught]
+    ref = _trainer(digits, None, device="cuda", cuda_graph=True, log_every=2)
+    ref.train(steps=8)
     tr = _trainer(digits, tmp_path, device="cuda", cuda_graph=True, log_every=2)
     tr.train(steps=4)
     tr2 = Trainer.from_checkpoint(tmp_path / "last.pt", digits, device="cuda")
