@@ -33,7 +33,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRA = ["nbval>=0.10", "pytest>=7.4", "pytest-xdist>=3.3", "pytest-timeout>=2.1"]
+# ipykernel < 7: its 7.x releases can drop a request and hang the run on an idle kernel (see requirements.txt)
+EXTRA = ["nbval>=0.10", "pytest>=7.4", "pytest-xdist>=3.3", "pytest-timeout>=2.1", "ipykernel>=6.0,<7"]
 
 
 def _run(cmd, quiet=False, **kwargs):
