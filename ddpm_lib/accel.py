@@ -323,7 +323,11 @@ def _cuda_graph_capture(fn: Callable[[], Any], generators: Sequence[torch.Genera
     graph = torch.cuda.CUDAGraph()
     for gen in generators:
         graph.register_generator_state(gen)
-    with torch.cuda.graph(graph):
+    # The capture allocates its own buffers in a private pool and cannot reuse the regular pool's cached
+    # blocks meanwhile: hand those back first. "thread_local": CUDA calls of other threads (a DataLoader's
+    # pin-memory thread, say) do not invalidate this thread's capture.
+    torch.cuda.empty_cache()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
 
@@ -508,6 +512,11 @@ class TrainStep:
 
         if not self._want_graph:
             return self._eager_call(self.fast.prepare_input(x0), y, ema_w)
+        with torch.cuda.device(self.device):
+            return self._graph_call(x0, y, ema_w)
+
+    def _graph_call(self, x0, y, ema_w):
+        """The call of a step that wants a CUDA graph: warm-up, capture, then replay (on ``self.device``)."""
         if self._graph is not None and self._graph_matches(x0, y):
             return self._replay(x0, y, ema_w)  # copy_ into the static buffer converts the memory format
         x0 = self.fast.prepare_input(x0)
@@ -519,12 +528,19 @@ class TrainStep:
                                           "that step runs without the CUDA graph")
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
+            # the EMA weight as a device tensor: the arithmetic the graph replays (sub, mul, add), so that
+            # the warm-up steps of a resumed run round as the replays of an uninterrupted one do
+            w = None if ema_w is None else torch.tensor(ema_w, dtype=torch.float32, device=self.device)
             with torch.cuda.stream(side):
-                out = self._eager_call(x0, y, ema_w)
+                out = self._eager_call(x0, y, w)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return out
         try:
             return self._capture(x0, y, ema_w)
+        except torch.cuda.OutOfMemoryError:
+            self._graph = None  # out of memory is the caller's to handle (a smaller batch), not a fallback
+            self._static = {}
+            raise
         except Exception as exc:  # noqa: BLE001 - fall back to the eager step
             self._graph = None
             self._static = {}
@@ -545,7 +561,7 @@ class TrainStep:
                 a is not b for a, b in zip(self._optimizer_state_ref()[1], s["state_ref"][1])):
             _warn_once("graph-recapture", "the optimizer's state was replaced: capturing the step again")
             self.reset()
-            self.calls = self.warmup_calls  # the step is warm; capture at once
+            self.calls = self.warmup_calls + 1  # the step is warm: capture at once (this call counts)
             return False
         return True
 
@@ -663,6 +679,10 @@ class SamplerForward:
                   for k, v in kwargs.items()}
         if not self.cuda_graph:
             return self._run(x, t, kwargs)
+        with torch.cuda.device(self.fast.device):
+            return self._graph_call(x, t, kwargs)
+
+    def _graph_call(self, x, t, kwargs):
         key = self._key(x, t, kwargs)
         entry = self._graphs.get(key)
         if entry is not None:

@@ -24,7 +24,9 @@ so the loop never waits for the host. ``cuda_graph=True`` (off by default) runs 
 :func:`ddpm_lib.accel.make_train_step`: after three eager steps the whole update (forward, backward,
 clipping, Adam, EMA) is captured in one CUDA graph and replayed, with a capturable fused Adam whose
 learning rate lives on the device; ``t`` and the noise then come from a generator of their own (saved in
-checkpoints like the others), so a run with graphs draws other numbers than one without.
+checkpoints like the others), so a run with graphs draws other numbers than one without. On a CPU,
+``cuda_graph=True`` runs the same step code without a graph, and a non-finite loss is then caught just
+after its update instead of before (no checkpoint ever holds it).
 
 Steps, checkpoints and resuming
     ``trainer.step`` counts the optimizer updates done. ``train(steps=N)`` trains until ``step == N``
@@ -35,7 +37,8 @@ Steps, checkpoints and resuming
     hold the model, its EMA, the optimizer, the step, the configuration (plain JSON values) and every
     random state (torch's CPU and CUDA generators, which drive dropout, and the trainer's own
     generators for batches, timesteps, noise, flips and label dropout), so that a resumed run ends
-    with bit-identical weights to an uninterrupted one (same device and settings).
+    with bit-identical weights to an uninterrupted one (same device and settings; tested on the CPU, and on
+    a GPU it also takes deterministic kernels, ``torch.use_deterministic_algorithms``).
 
 Batches
     Each step draws ``batch_size`` indices uniformly at random (with replacement) from the data set.
@@ -642,6 +645,9 @@ class Trainer:
                 adam_kw.pop("fused", None)
                 self.optimizer = torch.optim.Adam(params, **adam_kw)
             self.fused = bool(adam_kw.get("fused", False))
+        # how this optimizer was built: a checkpoint's param groups must not change it (see load_state_dict)
+        self._opt_flags = {k: self.optimizer.param_groups[0][k] for k in ("fused", "foreach", "capturable")
+                           if k in self.optimizer.param_groups[0]}
         self._forward = self.model  # replaced by the compiled module when compiling
         self._compile_mode = config.compile if not (config.compile == "auto" and not cuda) else False
         self._compile_pending = bool(self._compile_mode)
@@ -821,7 +827,10 @@ class Trainer:
     def _graph_train_step(self, x, y, step: int, lr: float) -> None:
         """One update through :class:`ddpm_lib.accel.TrainStep` (replayed from a CUDA graph once warm)."""
         loss, gnorm = self._step_fn(x, y, lr=lr, step=step)
-        self.compiled = self._step_fn.fast.compiled
+        fast = self._step_fn.fast
+        self.compiled = fast.compiled
+        if self._compile_mode is True and fast.compile_error:  # compile=True: a compiler failure is an error
+            raise RuntimeError(f"torch.compile failed: {fast.compile_error} (compile='auto' trains eagerly instead)")
         bad = ~torch.isfinite(loss)
         if gnorm is not None:
             bad = bad | ~torch.isfinite(gnorm)
@@ -1006,6 +1015,8 @@ class Trainer:
                 f"{ckpt} PyTorch said: {first}")
 
     def _free_after_oom(self) -> None:
+        if self._step_fn is not None:
+            self._step_fn.reset()  # drop a captured graph and its memory pool
         self.optimizer.zero_grad(set_to_none=True)
         self._consistent = True  # the weights are those of the last completed update
         if self.device.type == "cuda":
@@ -1169,10 +1180,18 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{path}: cannot restore the training state: {str(exc).splitlines()[0]}") from None
-        for group in self.optimizer.param_groups:  # this trainer's kind of step, whatever wrote the checkpoint
+        # This trainer's optimizer, whatever wrote the checkpoint: load_state_dict takes fused/foreach/capturable
+        # from the file (a fused CUDA run resumed on a CPU, a float-lr run resumed with a CUDA graph, ...)
+        for group in self.optimizer.param_groups:
+            group.update(self._opt_flags)
             lr = float(group["lr"])
-            group["capturable"] = self.use_cuda_graph
             group["lr"] = torch.tensor(lr, dtype=torch.float32, device=self.device) if self.use_cuda_graph else lr
+            on_device = bool(group.get("capturable") or group.get("fused"))
+            for p in group["params"]:
+                st = self.optimizer.state.get(p)
+                if st and torch.is_tensor(st.get("step")):  # fused/capturable Adam keeps its step count by p
+                    st["step"] = (st["step"].to(device=p.device, dtype=torch.float32) if on_device
+                                  else st["step"].to("cpu"))
         if self._step_fn is not None:
             self._step_fn.reset()  # the graph (if any) read the replaced optimizer state
         self.step = int(state["step"])

@@ -194,6 +194,26 @@ def test_step_through_accel_train_step_trains_and_resumes_bit_identically(digits
         TrainConfig(cuda_graph="sometimes")
 
 
+def test_resume_keeps_this_trainers_kind_of_adam(digits, tmp_path):
+    """load_state_dict takes fused/foreach/capturable from the file: the trainer puts its own back (a fused run
+    resumed without fusing, and the reverse), with the step counts where that kind of Adam keeps them."""
+    fused = _trainer(digits, tmp_path / "fused", fused=True)
+    if not fused.fused:
+        pytest.skip("fused Adam is not available on this CPU build of torch")
+    fused.train(steps=3)
+    plain = _trainer(digits, tmp_path / "plain")
+    plain.train(steps=3)
+    back = _trainer(digits, None).resume(tmp_path / "fused" / "last.pt")
+    assert not back.optimizer.param_groups[0].get("fused")
+    assert all(st["step"].device.type == "cpu" for st in back.optimizer.state.values())
+    back.train(steps=STEPS)
+    on = _trainer(digits, None, fused=True).resume(tmp_path / "plain" / "last.pt")
+    assert on.optimizer.param_groups[0]["fused"] is True
+    assert all(st["step"].dtype == torch.float32 for st in on.optimizer.state.values())
+    on.train(steps=STEPS)
+    assert all(math.isfinite(l) for _, l in back.history + on.history)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_training_replays_and_resumes(digits, tmp_path):
@@ -224,6 +244,12 @@ def test_cuda_graph_training_replays_and_resumes(digits, tmp_path):
     assert tr2._step_fn.graphed
     for a, b in zip(tr2.ema.model.parameters(), ref.ema.model.parameters()):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-4)
+    # a checkpoint of the usual step without fused Adam (step counts on the CPU) resumes with the graph
+    cpu_run = _trainer(digits, tmp_path / "cpu", device="cpu")
+    cpu_run.train(steps=4)
+    tr3 = _trainer(digits, None, device="cuda", cuda_graph=True).resume(tmp_path / "cpu" / "last.pt")
+    tr3.train(steps=10)
+    assert tr3._step_fn.graphed and all(math.isfinite(l) for _, l in tr3.history)
 
 
 def test_ctrl_c_saves_then_resume_is_bit_identical(digits, reference, tmp_path):
