@@ -30,8 +30,6 @@ from typing import Any, Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "benchmarks" / "RESULTS.md", ROOT / "book" / "gpu_speed.md"]
 BEGIN, END = "<!-- measured:begin -->", "<!-- measured:end -->"
-TRAINER_MODES = {"trainer": "its defaults", "trainer_graph": "cuda_graph=True",
-                 "trainer_fast": "compile=True, cuda_graph=True"}
 REQUIRED = ["card", "torch", "train_images_per_s", "infer_images_per_s", "diffusers_best_train_images_per_s",
             "diffusers_best_infer_images_per_s", "train_ratio_vs_diffusers", "infer_ratio_vs_diffusers", "modes"]
 
@@ -164,10 +162,11 @@ def render(data: Dict[str, Any], json_name: str) -> str:
                    f"(`{d.get('diffusers_best_train_mode_ddpm_step')}`), and ddpm_lib's best is "
                    f"**{_n(d['train_ratio_vs_diffusers_ddpm_step'], '{:.2f}')}×** that.")
     for r in d["modes"]:
-        if r["network"] == "ours" and r["mode"] in TRAINER_MODES and r.get("train_images_per_s"):
-            graphed = ("" if r["mode"] == "trainer" or r.get("train_cuda_graph", True)
+        opts = r.get("trainer_options")
+        if opts and r.get("train_images_per_s"):
+            graphed = ("" if "cuda_graph" not in opts or r.get("train_cuda_graph")
                        else "; **the CUDA graph was not used**, see the JSON's note")
-            out.append(f"- `ddpm_lib.Trainer` itself (`{r['mode']}`: {TRAINER_MODES[r['mode']]} on this GPU, its own "
+            out.append(f"- `ddpm_lib.Trainer` itself (`{r['mode']}`: {opts} on this GPU, its own "
                        f"loop with logging{graphed}): {_n(r['train_images_per_s'])} images/s, "
                        f"{_ratio(r['train_images_per_s'], dt)} diffusers' best.")
     out.append(f"- **Inference:** ddpm_lib {_n(d['infer_images_per_s'])} images/s (`{d.get('infer_best_mode')}`) "
@@ -176,7 +175,8 @@ def render(data: Dict[str, Any], json_name: str) -> str:
     cf = d.get("conv_floor") or {}
     if cf.get("train_images_per_s"):
         out.append(f"- Convolution floor, same run: the network's {cf.get('convolutions')} convolutions, each timed "
-                   f"alone ({cf.get('note', '')}) and added up, with everything else counted as free, allow at most {_n(cf['train_images_per_s'])} training images/s "
+                   f"alone ({cf.get('note', '')}) and added up, with everything else counted as free, allow at "
+                   f"most {_n(cf['train_images_per_s'])} training images/s "
                    f"({_n(cf.get('train_ms_per_step'), '{:.2f}')} ms per step) and {_n(cf['infer_images_per_s'])} "
                    f"inference images/s, i.e. {_ratio(cf['train_images_per_s'], dt)} and "
                    f"{_ratio(cf['infer_images_per_s'], di)} diffusers' best: the most any implementation reaches "

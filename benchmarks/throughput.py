@@ -87,11 +87,12 @@ SIZES = {
                  image=16, data_n=32, min_rep_s=0.0, reps=3, peak_n=256, warmup=1, overrides=dict(ch=16)),
 }
 ALL_MODES = ["ours:fast", "ours:bf16_cl_compile", "diffusers:bf16_cl_compile", "diffusers:bf16_cl_compile_graph",
-             "ours:bf16_cl", "diffusers:bf16_cl", "ours:fp32", "diffusers:fp32", "ours:trainer", "ours:trainer_graph", "ours:trainer_fast"]
-BASELINE_MODES = ("fp32", "bf16_cl", "bf16_cl_compile")
+             "ours:bf16_cl", "diffusers:bf16_cl", "ours:fp32", "diffusers:fp32",
+             "ours:trainer", "ours:trainer_graph", "ours:trainer_fast"]
+BASELINE_MODES = ("fp32", "bf16_cl", "bf16_cl_compile")  # diffusers' best is taken over these (the issue)
 # ddpm_lib.Trainer's own loop: its defaults, then with a CUDA graph, then compiled and graphed
 TRAINER_MODES = {"trainer": {}, "trainer_graph": {"cuda_graph": True},
-                 "trainer_fast": {"compile": True, "cuda_graph": True}}  # diffusers' best is taken over these (the issue)
+                 "trainer_fast": {"compile": True, "cuda_graph": True}}
 NUM_SAMPLES, DDPM_STEPS, DDIM_STEPS = 50_000, 1000, 50
 T0 = time.perf_counter()
 
@@ -229,6 +230,15 @@ def conv_shapes(model: nn.Module, image: int) -> List[Dict[str, Any]]:
             h.remove()
     names = ("in_ch", "out_ch", "kernel", "stride", "padding", "dilation", "groups", "bias", "in_hw", "out_hw")
     return [dict(zip(names, k), count=n) for k, n in found.items()]
+
+
+def profile_line(key: str, pr: Dict[str, Any]) -> str:
+    """One line for a profile of :meth:`Run.profile` (its error, or its busy time and categories)."""
+    if "error" in pr:
+        return f"profile {key}: {pr['error'][:150]}"
+    parts = ", ".join(f"{c} {v:.2f}" for c, v in sorted(pr["categories_ms_per_call"].items(), key=lambda kv: -kv[1]))
+    return (f"profile {key}: {pr['busy_ms_per_call']:.2f} ms busy of {pr['measured_ms_per_call']:.2f} ms per call "
+            f"({pr['kernels_per_call']:.0f} {pr['what']}): {parts}")
 
 
 PROFILE_CATEGORIES = ["convolution", "matmul", "attention", "GroupNorm (fused, Triton)", "other fused (Triton)",
@@ -461,14 +471,7 @@ class Run:
             lines.append(f"networks alone (diffusers' network in ddpm_lib's step, best "
                          f"{f(s['diffusers_best_train_images_per_s_ddpm_step'])} img/s, "
                          f"{s['diffusers_best_train_mode_ddpm_step']}): train {s['train_ratio_vs_diffusers_ddpm_step']}x")
-        for pk, pr in (self.results.get("profiles") or {}).items():
-            if "error" in pr:
-                lines.append(f"profile {pk}: {pr['error'][:150]}")
-                continue
-            parts = ", ".join(f"{c} {v:.2f}" for c, v in sorted(pr["categories_ms_per_call"].items(),
-                                                                  key=lambda kv: -kv[1]))
-            lines.append(f"profile {pk}: {pr['busy_ms_per_call']:.2f} ms busy of {pr['measured_ms_per_call']:.2f} ms "
-                         f"({pr['kernels_per_call']:.0f} {pr['what']}): {parts}")
+        lines += [profile_line(pk, pr) for pk, pr in (self.results.get("profiles") or {}).items()]
         if s["conv_floor_train_images_per_s"]:
             lines.append(f"convolution floor (every conv alone, summed; all else free): train "
                          f"{f(s['conv_floor_train_images_per_s'])} img/s ({s['conv_floor_train_ratio_vs_diffusers']}x "
@@ -633,9 +636,7 @@ class Run:
             top=[dict(name=n[:100], category=kernel_category(n), ms_per_call=round(total[n] / 1e3 / steps, 3),
                       calls_per_call=round(count[n] / steps, 2)) for n in top])
         self.results.setdefault("profiles", {})[f"{key} {kind}"] = res
-        parts = ", ".join(f"{c} {v:.2f}" for c, v in sorted(res["categories_ms_per_call"].items(), key=lambda kv: -kv[1]))
-        log(f"profile {key} {kind}: {busy:.2f} ms busy of {measured:.2f} ms per call "
-            f"({res['kernels_per_call']:.0f} {res['what']}): {parts}")
+        log(profile_line(f"{key} {kind}", res))
         self.write_json()
 
     def conv_floor(self, shapes: List[Dict[str, Any]]) -> None:
@@ -679,7 +680,7 @@ class Run:
             ti, tt = mi["s_per_call"], mt["s_per_call"]
             infer_s += s["count"] * ti
             train_s += s["count"] * tt
-            layers.append(dict({k: v for k, v in s.items()}, infer_ms=round(ti * 1e3, 4), train_ms=round(tt * 1e3, 4),
+            layers.append(dict(s, infer_ms=round(ti * 1e3, 4), train_ms=round(tt * 1e3, 4),
                                infer_tflops=round(flop * Bi / ti / 1e12, 3),
                                train_tflops=round(3 * flop * Bt / tt / 1e12, 3)))
         self.results["conv_floor"] = dict(
@@ -846,12 +847,12 @@ class Run:
         graphed = bool(tr._step_fn is not None and tr._step_fn.graphed)
         opts = ", ".join(f"{k}={v}" for k, v in TRAINER_MODES[mode].items()) or "defaults"
         why = f" ({tr._step_fn.graph_error})" if tr._step_fn is not None and tr._step_fn.graph_error else ""
+        row.update(trainer_options=opts, train_cuda_graph=graphed)
         self.record_train(row, m, settings,
                           note=(f"ddpm_lib.Trainer ({opts}): "
                                 f"bf16 {tr.use_bf16}, channels_last {tr.use_channels_last}, fused Adam {tr.fused}, "
                                 f"compiled {tr.compiled}, CUDA graph {graphed}{why}; wall clock of train() over {k} "
                                 f"steps, logging every {tr.cfg.log_every}"))
-        row["train_cuda_graph"] = graphed
         del tr
         self.release(reset_dynamo=False)
 
@@ -1066,10 +1067,9 @@ class Run:
                 add("diffusers", "bf16_cl_compile", kind, gk, est=90.0 if kind == "train" else 45.0)
         # diffusers' eager modes (completing its baseline), then ours'
         for net in ("diffusers", "ours"):
-            if net == "ours" and "train" in what and "ours:trainer" in want:
-                add("ours", "trainer", "train", est=30.0)  # what ddpm_lib.Trainer gives with its defaults
-            if net == "ours" and "train" in what and "ours:trainer_graph" in want:
-                add("ours", "trainer_graph", "train", est=35.0)
+            for tm, est in (("trainer", 30.0), ("trainer_graph", 35.0)):  # what ddpm_lib.Trainer gives
+                if net == "ours" and "train" in what and f"ours:{tm}" in want:
+                    add("ours", tm, "train", est=est)
             for mode in ("bf16_cl", "fp32"):
                 for kind in ("train", "infer"):
                     if kind in what and f"{net}:{mode}" in want:

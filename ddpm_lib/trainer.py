@@ -84,7 +84,7 @@ import torch
 from torch import nn
 
 from .diffusion import GaussianDiffusion
-from .accel import bf16_native
+from .accel import bf16_native, make_optimizer
 from .ema import EMA
 
 __all__ = [
@@ -628,23 +628,10 @@ class Trainer:
         # the step through accel.TrainStep (a CUDA graph on CUDA; the same code without one elsewhere)
         self._use_train_step = _resolve_auto(config.cuda_graph, cuda)
         self.use_cuda_graph = self._use_train_step and cuda
-        adam_kw: Dict[str, Any] = dict(lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)
-        use_fused = _resolve_auto(config.fused, cuda)
-        if self.use_cuda_graph:
-            from .accel import make_optimizer
-
-            self.optimizer = make_optimizer(params, config.lr, config.adam_betas, config.adam_eps,
-                                            fused=use_fused, capturable=True)
-            self.fused = bool(self.optimizer.param_groups[0].get("fused", False))
-        else:
-            if use_fused:
-                adam_kw["fused"] = True
-            try:
-                self.optimizer = torch.optim.Adam(params, **adam_kw)
-            except (RuntimeError, TypeError, ValueError):
-                adam_kw.pop("fused", None)
-                self.optimizer = torch.optim.Adam(params, **adam_kw)
-            self.fused = bool(adam_kw.get("fused", False))
+        # fused where asked and available (else foreach); capturable (lr on the device) for the CUDA graph
+        self.optimizer = make_optimizer(params, config.lr, config.adam_betas, config.adam_eps,
+                                        fused=_resolve_auto(config.fused, cuda), capturable=self.use_cuda_graph)
+        self.fused = bool(self.optimizer.param_groups[0].get("fused"))
         # how this optimizer was built: a checkpoint's param groups must not change it (see load_state_dict)
         self._opt_flags = {k: self.optimizer.param_groups[0][k] for k in ("fused", "foreach", "capturable")
                            if k in self.optimizer.param_groups[0]}
@@ -811,18 +798,22 @@ class Trainer:
         gnorm = None
         if cfg.grad_clip is not None:
             gnorm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
-        # flag the first non-finite loss / gradient norm on the device (no host synchronisation)
-        bad = ~torch.isfinite(loss.detach())
-        if gnorm is not None:
-            bad = bad | ~torch.isfinite(gnorm)
-        here = torch.full((), step + 1, dtype=torch.long, device=self.device)
-        self._first_bad = torch.where((self._first_bad < 0) & bad, here, self._first_bad)
+        self._flag_nonfinite(step, loss.detach(), gnorm)
         if self._sync_each_step:
             self._check_finite()  # before the update: a bad update is never applied on the CPU
         self.optimizer.step()
         self.ema.update(self.model, step)
         self._loss_sum += loss.detach()
         self._loss_count += 1
+
+    def _flag_nonfinite(self, step: int, loss: torch.Tensor, gnorm: Optional[torch.Tensor]) -> None:
+        """Remember the first update (1-based) whose loss or gradient norm is not finite, on the device
+        (no host synchronisation; :meth:`_check_finite` reads it)."""
+        bad = ~torch.isfinite(loss)
+        if gnorm is not None:
+            bad = bad | ~torch.isfinite(gnorm)
+        here = torch.full((), step + 1, dtype=torch.long, device=self.device)
+        self._first_bad = torch.where((self._first_bad < 0) & bad, here, self._first_bad)
 
     def _graph_train_step(self, x, y, step: int, lr: float) -> None:
         """One update through :class:`ddpm_lib.accel.TrainStep` (replayed from a CUDA graph once warm)."""
@@ -831,11 +822,7 @@ class Trainer:
         self.compiled = fast.compiled
         if self._compile_mode is True and fast.compile_error:  # compile=True: a compiler failure is an error
             raise RuntimeError(f"torch.compile failed: {fast.compile_error} (compile='auto' trains eagerly instead)")
-        bad = ~torch.isfinite(loss)
-        if gnorm is not None:
-            bad = bad | ~torch.isfinite(gnorm)
-        here = torch.full((), step + 1, dtype=torch.long, device=self.device)
-        self._first_bad = torch.where((self._first_bad < 0) & bad, here, self._first_bad)
+        self._flag_nonfinite(step, loss, gnorm)
         self._loss_sum += loss  # the graph's output buffer: used before the next replay
         self._loss_count += 1
         if self._sync_each_step:
