@@ -88,11 +88,12 @@ SIZES = {
 }
 ALL_MODES = ["ours:fast", "ours:bf16_cl_compile", "diffusers:bf16_cl_compile", "diffusers:bf16_cl_compile_graph",
              "ours:bf16_cl", "diffusers:bf16_cl", "ours:fp32", "diffusers:fp32",
-             "ours:trainer", "ours:trainer_graph", "ours:trainer_fast"]
+             "ours:trainer", "ours:trainer_graph", "ours:trainer_eager"]
 BASELINE_MODES = ("fp32", "bf16_cl", "bf16_cl_compile")  # diffusers' best is taken over these (the issue)
-# ddpm_lib.Trainer's own loop: its defaults, then with a CUDA graph, then compiled and graphed
-TRAINER_MODES = {"trainer": {}, "trainer_graph": {"cuda_graph": True},
-                 "trainer_fast": {"compile": True, "cuda_graph": True}}
+# ddpm_lib.Trainer's own loop: its defaults (on CUDA compiled and replayed from a CUDA graph), then the graph
+# without compiling, then neither (the defaults before the GPU run of 2026-11-27)
+TRAINER_MODES = {"trainer": {}, "trainer_graph": {"compile": False, "cuda_graph": True},
+                 "trainer_eager": {"compile": False, "cuda_graph": False}}
 NUM_SAMPLES, DDPM_STEPS, DDIM_STEPS = 50_000, 1000, 50
 T0 = time.perf_counter()
 
@@ -818,9 +819,9 @@ class Run:
 
     def trainer_group(self, master: nn.Module, mode: str) -> None:
         """Time :class:`ddpm_lib.Trainer` itself (:data:`TRAINER_MODES`): with its defaults on this device
-        (``trainer``), with ``cuda_graph=True`` (``trainer_graph``) and with ``compile=True, cuda_graph=True``
-        (``trainer_fast``): the rate a user of the library gets, including the trainer's own loop (warm-up
-        schedule, logging every ``log_every`` steps, its non-finite check)."""
+        (``trainer``; on CUDA compiled and replayed from one CUDA graph), with the graph alone
+        (``trainer_graph``) and with neither (``trainer_eager``): the rate a user of the library gets, including
+        the trainer's own loop (warm-up schedule, logging every ``log_every`` steps, its non-finite check)."""
         from ddpm_lib.trainer import Trainer
 
         key = f"ours:{mode}"
@@ -830,7 +831,7 @@ class Run:
                      progress=False, sample_every=0, save_every=0, **TRAINER_MODES[mode])
         # compile, cuDNN autotuning, Adam state; with a CUDA graph: three eager steps, then the capture
         first = self.timer.wall(lambda: tr.train(steps=tr.step + 5))
-        if tr.cfg.compile:
+        if tr.compiled:
             row["train_compile_s"] = round(first, 1)
         est = self.timer.wall(lambda: tr.train(steps=tr.step + 5)) / 5
         k = max(5, int(math.ceil(max(self.size["min_rep_s"], 0.05) / max(est, 1e-6))))
@@ -1045,8 +1046,6 @@ class Run:
             want = {m for m in want if not m.startswith("diffusers")}
         if not self.cuda:  # CUDA graphs: on the CPU "fast" is the compiled path alone
             want.discard("diffusers:bf16_cl_compile_graph")
-            if self.args.modes == "all":  # the Trainer compiles with inductor: minutes of C++ on a CPU
-                want.discard("ours:trainer_fast")
         what = {w.strip() for w in self.args.what.split(",")}
         jobs = []
 
@@ -1065,22 +1064,24 @@ class Run:
                 gk = "diffusers:bf16_cl_compile_graph" if ("diffusers:bf16_cl_compile_graph" in want
                                                            and kind == "train") else None
                 add("diffusers", "bf16_cl_compile", kind, gk, est=90.0 if kind == "train" else 45.0)
+        # what ddpm_lib.Trainer gives with its defaults (on CUDA it compiles: the compiler's cache is warm now)
+        if "train" in what and "ours:trainer" in want:
+            add("ours", "trainer", "train", est=90.0)
         # diffusers' eager modes (completing its baseline), then ours'
         for net in ("diffusers", "ours"):
-            for tm, est in (("trainer", 30.0), ("trainer_graph", 35.0)):  # what ddpm_lib.Trainer gives
-                if net == "ours" and "train" in what and f"ours:{tm}" in want:
-                    add("ours", tm, "train", est=est)
             for mode in ("bf16_cl", "fp32"):
                 for kind in ("train", "infer"):
                     if kind in what and f"{net}:{mode}" in want:
                         add(net, mode, kind, est=8.0)
-        if "train" in what and "ours:trainer_fast" in want:
-            add("ours", "trainer_fast", "train", est=90.0)
+        # the Trainer with a CUDA graph but no compiling, then with neither (information: what each one gives)
+        for tm, est in (("trainer_graph", 35.0), ("trainer_eager", 30.0)):
+            if "train" in what and f"ours:{tm}" in want:
+                add("ours", tm, "train", est=est)
         return jobs
 
     def estimate(self, job) -> float:
         extra = 5.0 if (job["net"] == "diffusers" and job["kind"] == "train" and self.cuda) else 0.0
-        if job["mode"] == "trainer_fast":
+        if job["mode"] == "trainer" and self.cuda:  # compiles (from the warm cache when ours:train ran)
             measured = self.compile_s.get("ours:train")
             return (measured + 20.0) if measured is not None else job["est"]
         if job["mode"] != "bf16_cl_compile" or self.compile_backend() != "inductor":

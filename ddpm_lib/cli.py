@@ -142,10 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--channels-last", type=_auto_bool, default=None, metavar="on|off|auto",
                    help="channels_last memory format [auto: on with CUDA]")
     h.add_argument("--compile", type=_auto_bool, default=None, metavar="on|off|auto",
-                   help="torch.compile the network; auto: try on CUDA, fall back to eager [off]")
+                   help="torch.compile the network; auto: try on CUDA, fall back to eager [auto]")
     h.add_argument("--cuda-graph", type=_auto_bool, default=None, metavar="on|off|auto",
                    help="capture the whole update (forward, backward, clip, Adam, EMA) in one CUDA graph after "
-                        "three eager steps and replay it; auto: on with CUDA [off]")
+                        "three eager steps and replay it; auto: on with CUDA [auto]")
     h.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
     t.set_defaults(func=_cmd_train)
 

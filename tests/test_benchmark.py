@@ -50,7 +50,7 @@ def test_benchmark_tiny_cpu_writes_json(tmp_path, capsys):
     trainer = modes[("ours", "trainer")]  # ddpm_lib.Trainer itself, with its defaults
     assert trainer["train_images_per_s"] > 0 and trainer["train_note"].startswith("ddpm_lib.Trainer (defaults)")
     graph = modes[("ours", "trainer_graph")]  # through accel.TrainStep; no CUDA here, so no graph
-    assert graph["train_images_per_s"] > 0 and graph["train_note"].startswith("ddpm_lib.Trainer (cuda_graph=True)")
+    assert graph["train_images_per_s"] > 0 and graph["train_note"].startswith("ddpm_lib.Trainer (compile=False, cuda_graph=True)")
     assert graph["train_cuda_graph"] is False and "CUDA graph False" in graph["train_note"]
     if have_diffusers:
         assert data["diffusers_best_train_images_per_s"] > 0 and data["diffusers_best_infer_images_per_s"] > 0

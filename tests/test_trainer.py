@@ -1,4 +1,5 @@
 """Training loop, EMA, warm-up, clipping, checkpoints (atomic, corrupt, mismatched), resume, NaN handling."""
+import copy
 import json
 import math
 import os
@@ -194,6 +195,26 @@ def test_step_through_accel_train_step_trains_and_resumes_bit_identically(digits
         TrainConfig(cuda_graph="sometimes")
 
 
+def test_resume_from_another_kind_of_device_reseeds_the_generators(digits):
+    """A CUDA generator's state (16 bytes) cannot be loaded into a CPU generator (5056), nor the reverse: such a
+    checkpoint resumes with generators seeded from its states (deterministically), with a warning."""
+    tr = _trainer(digits, None, cuda_graph=True)
+    tr.train(steps=2)
+    state = tr.state_dict()
+    state["rng"]["gen"] = torch.arange(16, dtype=torch.uint8)  # what a CUDA generator's get_state() returns
+    state["rng"]["step_gen"] = torch.arange(16, dtype=torch.uint8) + 1
+    runs = []
+    for _ in range(2):
+        tr2 = _trainer(digits, None, cuda_graph=True)
+        with pytest.warns(RuntimeWarning, match=r"another kind of device \(gen, step_gen\)"):
+            tr2.load_state_dict(copy.deepcopy(state))  # (as from a file: nothing shared between the runs)
+        tr2.train(steps=4)
+        assert tr2.step == 4 and all(math.isfinite(l) for _, l in tr2.history)
+        runs.append(tr2)
+    _assert_identical(_states(runs[0]), _states(runs[1]))  # the same reseeding both times
+    assert not torch.equal(runs[0].gen.get_state(), tr.gen.get_state())
+
+
 def test_resume_keeps_this_trainers_kind_of_adam(digits, tmp_path):
     """load_state_dict takes fused/foreach/capturable from the file: the trainer puts its own back (a fused run
     resumed without fusing, and the reverse), with the step counts where that kind of Adam keeps them."""
@@ -219,7 +240,7 @@ def test_resume_keeps_this_trainers_kind_of_adam(digits, tmp_path):
 def test_cuda_graph_training_replays_and_resumes(digits, tmp_path):
     """On CUDA, cuda_graph=True captures the whole update after three eager steps and replays it; a resumed
     run (which warms up and captures again) follows the uninterrupted one."""
-    ref = _trainer(digits, None, device="cuda", cuda_graph=True, log_every=2)
+    ref = _trainer(digits, None, device="cuda", cuda_graph=True, compile=False, log_every=2)
     ref.train(steps=8)
     assert ref._step_fn.graphed, ref._step_fn.graph_error
     assert ref.stats["cuda_graph"] and ref.optimizer.param_groups[0]["capturable"]
@@ -235,9 +256,9 @@ def test_cuda_graph_training_replays_and_resumes(digits, tmp_path):
         ref.train(steps=10)
     assert ref.optimizer.param_groups[0]["lr"] is lr and ref._step_fn._graph is graph  # replayed, not recaptured
     assert not [w for w in caught if "captur" in str(w.message)], [str(w.message) for w in caught]
-    ref = _trainer(digits, None, device="cuda", cuda_graph=True, log_every=2)
+    ref = _trainer(digits, None, device="cuda", cuda_graph=True, compile=False, log_every=2)
     ref.train(steps=8)
-    tr = _trainer(digits, tmp_path, device="cuda", cuda_graph=True, log_every=2)
+    tr = _trainer(digits, tmp_path, device="cuda", cuda_graph=True, compile=False, log_every=2)
     tr.train(steps=4)
     tr2 = Trainer.from_checkpoint(tmp_path / "last.pt", digits, device="cuda")
     tr2.train(steps=8)
@@ -247,7 +268,8 @@ def test_cuda_graph_training_replays_and_resumes(digits, tmp_path):
     # a checkpoint of the usual step without fused Adam (step counts on the CPU) resumes with the graph
     cpu_run = _trainer(digits, tmp_path / "cpu", device="cpu")
     cpu_run.train(steps=4)
-    tr3 = _trainer(digits, None, device="cuda", cuda_graph=True).resume(tmp_path / "cpu" / "last.pt")
+    with pytest.warns(RuntimeWarning, match="another kind of device"):  # a CPU generator's state
+        tr3 = _trainer(digits, None, device="cuda", cuda_graph=True, compile=False).resume(tmp_path / "cpu" / "last.pt")
     tr3.train(steps=10)
     assert tr3._step_fn.graphed and all(math.isfinite(l) for _, l in tr3.history)
 
@@ -478,10 +500,14 @@ def test_bad_options():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_training_bf16_channels_last(digits, tmp_path):
+def test_cuda_training_defaults_are_the_fast_path(digits, tmp_path):
+    """On CUDA the defaults are bf16, channels_last, fused Adam, data on the GPU, torch.compile and the CUDA
+    graph (captured after three eager steps)."""
     tr = _trainer(digits, tmp_path, device="cuda", log_every=2)
-    tr.train(steps=4)
+    tr.train(steps=6)
     assert tr.stats["bf16"] and tr.stats["channels_last"] and tr.stats["fused_adam"]
+    assert tr.compiled and tr.stats["cuda_graph"], tr._step_fn.graph_error
+    assert all(math.isfinite(l) for _, l in tr.history)
     assert tr._images.device.type == "cuda"
     model, _, _ = load_checkpoint(tmp_path / "last.pt", map_location="cuda")
     assert next(model.parameters()).device.type == "cuda"
