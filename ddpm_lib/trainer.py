@@ -1195,6 +1195,10 @@ class Trainer:
                 if st and torch.is_tensor(st.get("step")):  # fused/capturable Adam keeps its step count by p
                     st["step"] = (st["step"].to(device=p.device, dtype=torch.float32) if on_device
                                   else st["step"].to("cpu"))
+                for k, v in (st or {}).items():  # the moments in the parameter's memory layout: CUDA's fused
+                    if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():  # Adam needs it
+                        st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)  # (a CPU run's checkpoint is
+                        # contiguous; channels_last parameters are not)
         if self._step_fn is not None:
             self._step_fn.reset()  # the graph (if any) read the replaced optimizer state
         self.step = int(state["step"])

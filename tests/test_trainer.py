@@ -215,6 +215,21 @@ def test_resume_from_another_kind_of_device_reseeds_the_generators(digits):
     assert not torch.equal(runs[0].gen.get_state(), tr.gen.get_state())
 
 
+def test_resume_puts_adams_moments_in_the_parameters_layout(digits, tmp_path):
+    """A checkpoint written without channels_last (a CPU run) resumed with it (as on CUDA): Adam's moments take
+    the parameters' strides, which CUDA's fused Adam requires (it raised 'must have same dtype, device, and
+    layout' on an H200 before)."""
+    _trainer(digits, tmp_path, channels_last=False).train(steps=3)
+    tr = _trainer(digits, None, channels_last=True, fused=True).resume(tmp_path / "last.pt")
+    conv = [p for p in tr.model.parameters() if p.ndim == 4]
+    assert any(not p.is_contiguous() for p in conv)  # channels_last weights (3x3 kernels)
+    for p in tr.model.parameters():
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert tr.optimizer.state[p][k].stride() == p.stride(), k
+    tr.train(steps=5)
+    assert all(math.isfinite(l) for _, l in tr.history)
+
+
 def test_resume_keeps_this_trainers_kind_of_adam(digits, tmp_path):
     """load_state_dict takes fused/foreach/capturable from the file: the trainer puts its own back (a fused run
     resumed without fusing, and the reverse), with the step counts where that kind of Adam keeps them."""
