@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "benchmarks" / "RESULTS.md", ROOT / "book" / "gpu_speed.md"]
@@ -166,14 +167,14 @@ def render(data: Dict[str, Any], json_name: str) -> str:
         if opts and r.get("train_images_per_s"):
             graphed = ("" if "cuda_graph" not in opts or r.get("train_cuda_graph")
                        else "; **the CUDA graph was not used**, see the JSON's note")
-            out.append(f"- `ddpm_lib.Trainer` itself (`{r['mode']}`: {opts} on this GPU, its own "
+            out.append(f"- `ddpm_lib.Trainer` itself (`{r['mode']}`: options {opts}, {trainer_settings(r)}, its own "
                        f"loop with logging{graphed}): {_n(r['train_images_per_s'])} images/s, "
                        f"{_ratio(r['train_images_per_s'], dt)} diffusers' best.")
     out.append(f"- **Inference:** ddpm_lib {_n(d['infer_images_per_s'])} images/s (`{d.get('infer_best_mode')}`) "
                f"against diffusers' best {_n(di)} (`{d.get('diffusers_best_infer_mode')}`): "
                f"**{_n(inf_ratio, '{:.2f}')}×** ({_verdict(inf_ratio, targets['infer_ratio'])}).")
     cf = d.get("conv_floor") or {}
-    if cf.get("train_images_per_s"):
+    if cf.get("train_images_per_s") and cf.get("bias") is False:
         out.append(f"- Convolution floor, same run: the network's {cf.get('convolutions')} convolutions, each timed "
                    f"alone ({cf.get('note', '')}) and added up, with everything else counted as free, allow at "
                    f"most {_n(cf['train_images_per_s'])} training images/s "
@@ -183,6 +184,15 @@ def render(data: Dict[str, Any], json_name: str) -> str:
                    f"with these convolution kernels. ddpm_lib's best runs at "
                    f"{_pct(d['train_images_per_s'], cf['train_images_per_s'])} and "
                    f"{_pct(d['infer_images_per_s'], cf['infer_images_per_s'])} of it.")
+    elif cf.get("train_images_per_s"):  # runs before 2026-11-27 timed each convolution with its bias
+        out.append(f"- Convolution sum, same run (**not a floor**): the network's {cf.get('convolutions')} "
+                   f"convolutions, each timed alone with its bias ({cf.get('note', '')}) and added up, take "
+                   f"{_n(cf.get('train_ms_per_step'), '{:.2f}')} ms per training step and "
+                   f"{_n(cf.get('infer_ms_per_batch'), '{:.2f}')} ms per inference batch "
+                   f"({_n(cf['train_images_per_s'])} and {_n(cf['infer_images_per_s'])} images/s). PyTorch adds "
+                   "a cuDNN convolution's bias in a kernel of its own, which a compiled network folds into the "
+                   "next kernel, so this sum overstates what the convolutions need (compare the convolution row "
+                   "of the profile below); throughput.py now times them without the bias.")
     elif cf.get("error"):
         out.append(f"- Convolution floor not measured: {cf['error']}")
     for what in ("train", "infer"):
@@ -255,6 +265,31 @@ def render(data: Dict[str, Any], json_name: str) -> str:
     return "\n".join(out)
 
 
+def trainer_settings(row: Dict[str, Any]) -> str:
+    """What a Trainer row ran with, from its note (``compiled X, CUDA graph Y``): the options alone do not say it,
+    since what ``defaults`` means changed (2026-11-27: compile and the CUDA graph became the defaults on CUDA)."""
+    m = re.search(r"compiled (\w+), CUDA graph (\w+)", row.get("train_note", ""))
+    return f"compiled {m.group(1)}, CUDA graph {m.group(2)}" if m else "settings not recorded"
+
+
+def render_trainer_runs(main: Dict[str, Any], runs: Sequence[Tuple[str, Dict[str, Any]]]) -> str:
+    """The ``ddpm_lib.Trainer`` rows of further runs on the same card (``--trainer-runs``), in one table."""
+    dt = main.get("diffusers_best_train_images_per_s")
+    out = ["", f"`ddpm_lib.Trainer` in further runs on the same card ({main.get('device_name') or main['card']}), "
+           "each its own process; the ratio is to diffusers' best training rate of the run above, so it crosses "
+           "runs: read it as rough, and compare a row measured in both runs (same settings) for the spread "
+           "between runs:", "",
+           "| file | date (UTC) | row | options | settings | train img/s | compile s | × diffusers (run above) |",
+           "|---|---|---|---|---|---:|---:|---:|"]
+    for name, d in runs:
+        for r in d["modes"]:
+            if r.get("trainer_options") is not None and r.get("train_images_per_s"):
+                out.append(f"| `{name}` | {d.get('date_utc', '-')} | `{r['mode']}` | {r['trainer_options']} | "
+                           f"{trainer_settings(r)} | {_n(r['train_images_per_s'])} | {r.get('train_compile_s', '-')} | "
+                           f"{_ratio(r['train_images_per_s'], dt)} |")
+    return "\n".join(out)
+
+
 def replace_section(text: str, section: str, where: str = "document") -> str:
     """``text`` with the part between the markers replaced by ``section``; ValueError without the markers."""
     i, j = text.find(BEGIN), text.find(END)
@@ -273,14 +308,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="copy the JSON into this folder first (e.g. benchmarks/results)")
     ap.add_argument("--print", dest="only_print", action="store_true", help="print the section, change nothing")
     ap.add_argument("--allow-cpu", action="store_true", help="accept a CPU run (tests only)")
+    ap.add_argument("--trainer-runs", type=Path, nargs="*", default=[],
+                    help="further results on the same card whose ddpm_lib.Trainer rows are listed too")
     args = ap.parse_args(argv)
     data = json.loads(args.json.read_text())
     try:
         check(data, allow_cpu=args.allow_cpu)
-    except ValueError as exc:
+        extra = [(f.name, json.loads(f.read_text())) for f in args.trainer_runs]
+        for name, d in extra:
+            if d.get("card") != data["card"]:
+                raise ValueError(f"{name} is from {d.get('card')}, not {data['card']}")
+    except (OSError, ValueError) as exc:
         print(f"record.py: {exc}", file=sys.stderr)
         return 2
     section = render(data, json_name=args.json.name)
+    if extra:
+        section += "\n" + render_trainer_runs(data, extra)
     if args.only_print:
         print(section)
         return 0
@@ -290,6 +333,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if target.resolve() != args.json.resolve():
             shutil.copyfile(args.json, target)
         print(f"copied {args.json} -> {target}")
+        for f in args.trainer_runs:
+            if (args.copy_to / f.name).resolve() != f.resolve():
+                shutil.copyfile(f, args.copy_to / f.name)
+            print(f"copied {f} -> {args.copy_to / f.name}")
     new = {}
     for doc in args.docs:  # check every document before writing any
         try:

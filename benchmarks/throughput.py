@@ -645,20 +645,26 @@ class Run:
 
         Each distinct ``nn.Conv2d`` (``shapes``, from :func:`conv_shapes`) runs alone as the fast paths run it
         (bf16 and channels_last on CUDA, cuDNN with ``benchmark=True``; float32 on the CPU): its forward at the
-        inference batch, and its forward and backward (weight, bias and, but for the first layer, input
-        gradients) at the training batch. The sum over the network's layers is the time any implementation
+        inference batch, and its forward and backward (weight and, but for the first layer, input gradients)
+        at the training batch. Two things keep it a floor (the first GPU run, 2026-11-27, had neither: its sums,
+        20.9 ms per training step and 26.3 ms per inference batch, were far above the 7.9 and 16.4 ms of
+        convolution kernels in the profiles of the compiled network): on CUDA each timing replays a CUDA graph
+        of its own, since timed eagerly the small layers measure the host's launch and autograd time rather
+        than the GPU's; and the convolutions run without their bias, which PyTorch adds to a cuDNN convolution
+        in a kernel of its own (a whole pass over the output) and a compiled network folds into the next
+        element-wise kernel. The sum over the network's layers is the time any implementation
         of this network spends if its convolutions run as fast as cuDNN runs them alone and everything else
-        (GroupNorm, SiLU, attention, the optimizer) takes no time: the rates it gives are the most that
+        (bias, GroupNorm, SiLU, attention, the optimizer) takes no time: the rates it gives are the most that
         network can reach with these convolutions, and their ratio to diffusers' best is the most ratio there
         is to win without faster convolution kernels."""
         dtype = torch.bfloat16 if self.cuda else torch.float32
         fmt = torch.channels_last if self.cuda else torch.contiguous_format
         Bt, Bi = self.size["train_batch"], self.size["infer_batch"]
         min_rep = 0.02 if self.cuda else 0.0
-        layers, train_s, infer_s = [], 0.0, 0.0
+        layers, train_s, infer_s, graphed = [], 0.0, 0.0, 0
         for s in shapes:
             conv = nn.Conv2d(s["in_ch"], s["out_ch"], s["kernel"], stride=s["stride"], padding=s["padding"],
-                             dilation=s["dilation"], groups=s["groups"], bias=s["bias"])
+                             dilation=s["dilation"], groups=s["groups"], bias=False)
             conv = conv.to(self.device, dtype).to(memory_format=fmt)
 
             def inp(B: int, grad: bool) -> torch.Tensor:
@@ -666,16 +672,21 @@ class Run:
                 return x.contiguous(memory_format=fmt).requires_grad_(grad)
 
             xi = inp(Bi, False)
-            with torch.no_grad():
-                mi = self.timer.measure(lambda i: conv(xi), warmup=3, reps=3, min_rep_s=min_rep,
-                                        time_left=self.time_left)
-            del xi
+
+            def fwd(i, conv=conv, xi=xi):
+                with torch.no_grad():
+                    return conv(xi)
+
+            f, ok_i = self._graphed(fwd)
+            mi = self.timer.measure(f, warmup=3, reps=3, min_rep_s=min_rep, time_left=self.time_left)
+            del xi, f, fwd
             xt = inp(Bt, s["in_ch"] != 3)  # the first layer's input is the data: no gradient
             gy = torch.randn_like(conv(xt))
             wrt = [p for p in conv.parameters()] + ([xt] if xt.requires_grad else [])
-            mt = self.timer.measure(lambda i: torch.autograd.grad(conv(xt), wrt, gy), warmup=3, reps=3,
-                                    min_rep_s=min_rep, time_left=self.time_left)
-            del xt, gy, wrt, conv
+            f, ok_t = self._graphed(lambda i: torch.autograd.grad(conv(xt), wrt, gy))
+            mt = self.timer.measure(f, warmup=3, reps=3, min_rep_s=min_rep, time_left=self.time_left)
+            graphed += int(ok_i) + int(ok_t)
+            del xt, gy, wrt, conv, f
             flop = 2.0 * s["out_ch"] * (s["in_ch"] // s["groups"]) * s["kernel"][0] * s["kernel"][1] \
                 * s["out_hw"][0] * s["out_hw"][1]  # per image, forward
             ti, tt = mi["s_per_call"], mt["s_per_call"]
@@ -684,16 +695,42 @@ class Run:
             layers.append(dict(s, infer_ms=round(ti * 1e3, 4), train_ms=round(tt * 1e3, 4),
                                infer_tflops=round(flop * Bi / ti / 1e12, 3),
                                train_tflops=round(3 * flop * Bt / tt / 1e12, 3)))
+        how = ""
+        if self.cuda:
+            how = (", each replayed from a CUDA graph" if graphed == 2 * len(shapes)
+                   else f", {graphed} of {2 * len(shapes)} timings replayed from CUDA graphs")
         self.results["conv_floor"] = dict(
             train_images_per_s=round(Bt / train_s, 1), infer_images_per_s=round(Bi / infer_s, 1),
             train_ms_per_step=round(train_s * 1e3, 3), infer_ms_per_batch=round(infer_s * 1e3, 3),
-            convolutions=sum(s["count"] for s in shapes), distinct=len(shapes), layers=layers,
-            note=(f"{'bf16, channels_last, cuDNN' if self.cuda else 'float32'}; forward at batch {Bi}, "
-                  f"forward + backward at batch {Bt}"))
+            convolutions=sum(s["count"] for s in shapes), distinct=len(shapes), layers=layers, bias=False,
+            cuda_graphs=f"{graphed} of {2 * len(shapes)} timings",
+            note=(f"{'bf16, channels_last, cuDNN' if self.cuda else 'float32'}, without the bias{how}; "
+                  f"forward at batch {Bi}, forward + backward at batch {Bt}"))
         log(f"convolution floor ({self.results['conv_floor']['convolutions']} convolutions, {len(shapes)} distinct): "
             f"train {Bt / train_s:,.0f} img/s ({train_s * 1e3:.2f} ms/step), infer {Bi / infer_s:,.0f} img/s "
             f"({infer_s * 1e3:.2f} ms/batch)")
         self.release(reset_dynamo=False)
+
+    def _graphed(self, fn: Callable[[int], Any]):
+        """``(replay, True)``: ``fn`` captured in a CUDA graph (after three warm-up calls on a side stream, where
+        cuDNN's autotuning happens), or ``(fn, False)`` on a CPU or when the capture fails."""
+        if not self.cuda:
+            return fn, False
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for i in range(3):
+                    fn(i)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                keep = fn(0)  # the outputs live in the graph's pool
+            return (lambda i, graph=graph, keep=keep: graph.replay()), True
+        except Exception as exc:  # noqa: BLE001 - time it eagerly instead
+            log(f"convolution floor: CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); eager")
+            torch.cuda.synchronize(self.device)
+            return fn, False
 
     # ------------------------------------------------------------------ data
     def make_data(self) -> None:

