@@ -126,13 +126,16 @@ def render(data: Dict[str, Any], json_name: str) -> str:
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     dt, di = d["diffusers_best_train_images_per_s"], d["diffusers_best_infer_images_per_s"]
     notes: List[str] = []
-    info_only = False
+    info_only = experiment = False
     for r in sorted(d["modes"], key=lambda r: (r["network"] != "ours", r["mode"])):
         tr, inf = r.get("train_images_per_s"), r.get("infer_images_per_s")
         mode = f"`{r['mode']}`"
         if r["network"] == "diffusers" and not r.get("counts_for_diffusers_baseline", True):
             mode += "*"
             info_only = True
+        if r.get("experiment"):
+            mode += "†"
+            experiment = True
         net = "ddpm_lib" if r["network"] == "ours" else r["network"]
         comp = f"{r.get('train_compile_s', '-')}/{r.get('infer_compile_s', '-')}"
         out.append(f"| {net} | {mode} | {_n(tr)} | {_tflops(tr, 3, gflop, peak)} | {_ratio(tr, dt)} | {_n(inf)} | "
@@ -144,6 +147,10 @@ def render(data: Dict[str, Any], json_name: str) -> str:
     if info_only:
         base = ", ".join(f"`{r['mode']}`" for r in d["modes"] if r.get("counts_for_diffusers_baseline"))
         out.append(f"\\* For information only: not among the modes diffusers' baseline is taken over ({base}).")
+        out.append("")
+    if experiment:
+        out.append("† An experiment, not (yet) what ddpm_lib does by default, so not counted as its best: `_gnm` "
+                   "computes every GroupNorm from per-channel moments (`ddpm_lib.accel.set_group_norm`).")
         out.append("")
     if st.get("diffusers_baseline_step"):
         out.append(f"diffusers' training rows without a star time its network in a plain PyTorch step "

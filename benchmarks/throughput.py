@@ -87,9 +87,12 @@ SIZES = {
                  image=16, data_n=32, min_rep_s=0.0, reps=3, peak_n=256, warmup=1, overrides=dict(ch=16)),
 }
 ALL_MODES = ["ours:fast", "ours:bf16_cl_compile", "diffusers:bf16_cl_compile", "diffusers:bf16_cl_compile_graph",
+             "ours:fast_gnm", "ours:bf16_cl_compile_gnm",
              "ours:bf16_cl", "diffusers:bf16_cl", "ours:fp32", "diffusers:fp32",
              "ours:trainer", "ours:trainer_graph", "ours:trainer_eager"]
 BASELINE_MODES = ("fp32", "bf16_cl", "bf16_cl_compile")  # diffusers' best is taken over these (the issue)
+# ddpm_lib's experiments (not among its defaults, so not its best): GroupNorm from per-channel moments
+EXPERIMENT_MODES = ("bf16_cl_compile_gnm", "fast_gnm")
 # ddpm_lib.Trainer's own loop: its defaults (on CUDA compiled and replayed from a CUDA graph), then the graph
 # without compiling, then neither (the defaults before the GPU run of 2026-11-27)
 TRAINER_MODES = {"trainer": {}, "trainer_graph": {"compile": False, "cuda_graph": True},
@@ -347,13 +350,16 @@ class Run:
     def row(self, key: str) -> Dict[str, Any]:
         net, mode = key.split(":", 1)
         info = net == "diffusers" and mode not in BASELINE_MODES
-        return self.rows.setdefault(key, dict(network=net, mode=mode, counts_for_diffusers_baseline=not info)
-                                    if net == "diffusers" else dict(network=net, mode=mode))
+        if net == "diffusers":
+            return self.rows.setdefault(key, dict(network=net, mode=mode, counts_for_diffusers_baseline=not info))
+        # an experiment is not (yet) what ddpm_lib does: listed, but not ddpm_lib's best
+        return self.rows.setdefault(key, dict(network=net, mode=mode, experiment=mode in EXPERIMENT_MODES))
 
     def summary(self) -> Dict[str, Any]:
         def best(net: str, what: str, modes=None):
             vals = [(r[what], r["mode"]) for k, r in self.rows.items()
-                    if r["network"] == net and r.get(what) and (modes is None or r["mode"] in modes)]
+                    if r["network"] == net and r.get(what) and (modes is None or r["mode"] in modes)
+                    and not r.get("experiment")]
             return max(vals) if vals else (None, None)
 
         ot, otm = best("ours", "train_images_per_s")
@@ -446,7 +452,8 @@ class Run:
         for k in sorted(self.rows, key=lambda k: (self.rows[k]["network"] != "ours", k)):
             r = self.rows[k]
             tr, inf = r.get("train_images_per_s"), r.get("infer_images_per_s")
-            mode = r["mode"] + ("*" if r["network"] == "diffusers" and r["mode"] not in BASELINE_MODES else "")
+            mode = r["mode"] + ("*" if (r["network"] == "diffusers" and r["mode"] not in BASELINE_MODES)
+                                or r.get("experiment") else "")
             comp = f"{r.get('train_compile_s', '-')}/{r.get('infer_compile_s', '-')}"
             lines.append(f"{r['network']:<10} {mode:<27} {f(tr):>11} {tf(tr, 3):>11} "
                          f"{x(tr, s['diffusers_best_train_images_per_s']):>6} {f(inf):>11} {tf(inf, 1):>11} "
@@ -454,7 +461,8 @@ class Run:
             for what in ("train_error", "infer_error"):
                 if r.get(what):
                     lines.append(f"{'':<10} {what}: {r[what][:150]}")
-        lines.append("* information only: not among the modes the diffusers baseline is taken over; "
+        lines.append("* information only: not among the modes the diffusers baseline is taken over (diffusers), an "
+                     "experiment not counted as ddpm_lib's best (ddpm_lib, *_gnm: GroupNorm from moments); "
                      "x diff = ratio to diffusers' best of fp32, bf16_cl, bf16_cl_compile (training: in the plain "
                      "PyTorch step; +ddpm_step: diffusers' network in ddpm_lib's step)")
         if fl:
@@ -746,8 +754,9 @@ class Run:
 
     # ------------------------------------------------------------------ one mode
     def settings_for(self, mode: str) -> Dict[str, Any]:
-        comp = mode.startswith("bf16_cl_compile") or mode == "fast"
-        return dict(bf16=mode != "fp32", channels_last=mode != "fp32", compile=comp)
+        comp = mode.startswith("bf16_cl_compile") or mode.startswith("fast")
+        return dict(bf16=mode != "fp32", channels_last=mode != "fp32", compile=comp,
+                    group_norm="moments" if mode.endswith("_gnm") else None)
 
     def release(self, reset_dynamo: bool) -> None:
         gc.collect()
@@ -765,7 +774,8 @@ class Run:
         model = copy.deepcopy(master)
         model.train(train)
         return accel.prepare_model(model, self.device, bf16=st["bf16"], channels_last=st["channels_last"],
-                                   compile=st["compile"], compile_backend=self.compile_backend())
+                                   compile=st["compile"], compile_backend=self.compile_backend(),
+                                   group_norm=st["group_norm"])
 
     def train_group(self, net: str, master: nn.Module, mode: str, graph_key: Optional[str]) -> None:
         """Time the training step of ``net`` in ``mode``; with ``graph_key``, also the same step in a CUDA graph."""
@@ -810,7 +820,7 @@ class Run:
             del plain
         else:
             self.record_train(row, m, fast)
-            if mode == "bf16_cl_compile":
+            if mode.startswith("bf16_cl_compile"):
                 self.try_profile(key, "train", lambda i: step(batch()), m)
         if graph_key:
             grow = self.row(graph_key)
@@ -927,7 +937,7 @@ class Run:
         m = self.timer.measure(lambda i: fwd(*xs[i % 3]), warmup=self.size["warmup"], reps=self.size["reps"],
                                min_rep_s=self.size["min_rep_s"], time_left=self.time_left)
         self.record_infer(row, m, fast)
-        if mode == "bf16_cl_compile":
+        if mode.startswith("bf16_cl_compile"):
             self.try_profile(key, "infer", lambda i: fwd(*xs[i % 3]), m)
         best_fwd = fwd
         if graph_key:
@@ -1104,8 +1114,14 @@ class Run:
         # what ddpm_lib.Trainer gives with its defaults (on CUDA it compiles: the compiler's cache is warm now)
         if "train" in what and "ours:trainer" in want:
             add("ours", "trainer", "train", est=90.0)
-        # diffusers' eager modes (completing its baseline), then ours'
+        # diffusers' eager modes (completing its baseline), then the experiment, then ours' eager modes
         for net in ("diffusers", "ours"):
+            if net == "ours":  # the experiment: GroupNorm from per-channel moments (accel.set_group_norm)
+                for kind in ("train", "infer"):
+                    if kind in what and {"ours:fast_gnm", "ours:bf16_cl_compile_gnm"} & want:
+                        add("ours", "bf16_cl_compile_gnm", kind,
+                            "ours:fast_gnm" if ("ours:fast_gnm" in want and kind == "train") else None,
+                            est=90.0 if kind == "train" else 45.0)
             for mode in ("bf16_cl", "fp32"):
                 for kind in ("train", "infer"):
                     if kind in what and f"{net}:{mode}" in want:
@@ -1121,7 +1137,7 @@ class Run:
         if job["mode"] == "trainer" and self.cuda:  # compiles (from the warm cache when ours:train ran)
             measured = self.compile_s.get("ours:train")
             return (measured + 20.0) if measured is not None else job["est"]
-        if job["mode"] != "bf16_cl_compile" or self.compile_backend() != "inductor":
+        if not job["mode"].startswith("bf16_cl_compile") or self.compile_backend() != "inductor":
             return (job["est"] + extra) if self.cuda else 2.0
         measured = self.compile_s.get(f"ours:{job['kind']}")
         base = measured if measured is not None else job["est"]
@@ -1237,7 +1253,7 @@ def _main(args) -> Dict[str, Any]:
                     run.row(job["graph_key"])[f"{job['kind']}_error"] = msg
                 log(f"{key} {job['kind']}: {msg}")
                 continue
-            compiled = job["mode"] == "bf16_cl_compile"
+            compiled = job["mode"].startswith("bf16_cl_compile")
             if compiled and last_net_compiled not in (None, job["net"]):
                 run.release(reset_dynamo=True)
             if compiled:

@@ -305,3 +305,54 @@ def test_cuda_graph_step_equals_eager_step():
     assert f._graphs, f.graph_error
     for o in outs:
         assert _rel(o, m(x, t).detach()) < BF16_TOL
+
+
+# ---------------------------------------------------------------------------------------------- GroupNorm from moments
+@pytest.mark.parametrize("shape,groups,mean,std", [((4, 64, 8, 8), 32, 0.0, 1.0), ((3, 96, 5, 7), 32, 5.0, 3.0),
+                                                   ((2, 8, 4), 4, -2.0, 0.5), ((2, 64, 4, 4), 32, 1e3, 1.0)])
+def test_group_norm_from_moments_is_group_norm(shape, groups, mean, std):
+    """The same function as F.group_norm, values and gradients, also where a large mean would cancel a naive
+    E[x^2] - E[x]^2 (the error is measured against float64 and compared with PyTorch's own float32 kernel)."""
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(*shape, generator=g, dtype=torch.float64) * std + mean
+    w64, b64 = torch.randn(shape[1], generator=g, dtype=torch.float64), torch.randn(shape[1], generator=g,
+                                                                                   dtype=torch.float64)
+    ref = torch.nn.functional.group_norm(x64, groups, w64, b64, 1e-6)
+    x, w, b = (v.float().requires_grad_() for v in (x64, w64, b64))
+    out = accel.group_norm_from_moments(x, groups, w, b, 1e-6)
+    native = torch.nn.functional.group_norm(x.detach(), groups, w.detach(), b.detach(), 1e-6)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    err, err_native = (out.double() - ref).abs().max().item(), (native.double() - ref).abs().max().item()
+    assert err <= max(3 * err_native, 1e-5), (err, err_native)
+    gy = torch.randn(*shape, generator=g)
+    grads = torch.autograd.grad(out, (x, w, b), gy)
+    xn, wn, bn = (v.detach().clone().requires_grad_() for v in (x, w, b))
+    grads_native = torch.autograd.grad(torch.nn.functional.group_norm(xn, groups, wn, bn, 1e-6), (xn, wn, bn), gy)
+    for a, n in zip(grads, grads_native):
+        torch.testing.assert_close(a, n, rtol=1e-3, atol=1e-3 * n.abs().max().item())
+
+
+def test_set_group_norm_keeps_the_network():
+    """set_group_norm switches every GroupNorm in place (same state dict, same function) and back; prepare_model
+    takes it as an option; the bf16 fast path with it matches float32 within bf16 tolerance."""
+    m = _tiny().eval()
+    x, t = _inputs()
+    with torch.no_grad():
+        ref = m(x, t)
+    moments = copy.deepcopy(m)
+    n = accel.set_group_norm(moments, "moments")
+    assert n == sum(isinstance(mod, torch.nn.GroupNorm) for mod in m.modules()) > 0
+    assert all(type(mod) is accel.MomentGroupNorm for mod in moments.modules() if isinstance(mod, torch.nn.GroupNorm))
+    assert moments.state_dict().keys() == m.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(moments(x, t), ref, rtol=1e-4, atol=1e-5)
+    accel.set_group_norm(moments, "native")
+    assert all(type(mod) is torch.nn.GroupNorm for mod in moments.modules() if isinstance(mod, torch.nn.GroupNorm))
+    fast = accel.prepare_model(copy.deepcopy(m), "cpu", bf16=True, channels_last=True, compile=False,
+                               group_norm="moments")
+    assert any(type(mod) is accel.MomentGroupNorm for mod in fast.module.modules())
+    with torch.no_grad():
+        out = fast(x, t).float()
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+    with pytest.raises(ValueError, match="group_norm must be one of"):
+        accel.set_group_norm(m, "triton")
