@@ -172,7 +172,9 @@ def render(data: Dict[str, Any], json_name: str) -> str:
     for r in d["modes"]:
         opts = r.get("trainer_options")
         if opts and r.get("train_images_per_s"):
-            graphed = ("" if "cuda_graph" not in opts or r.get("train_cuda_graph")
+            # what the trainer meant to use (recorded since 2026-11-27; before, only an explicit option says it)
+            wants_graph = r.get("train_cuda_graph_requested", "cuda_graph=True" in opts)
+            graphed = ("" if not wants_graph or r.get("train_cuda_graph")
                        else "; **the CUDA graph was not used**, see the JSON's note")
             out.append(f"- `ddpm_lib.Trainer` itself (`{r['mode']}`: options {opts}, {trainer_settings(r)}, its own "
                        f"loop with logging{graphed}): {_n(r['train_images_per_s'])} images/s, "
@@ -280,7 +282,7 @@ def trainer_settings(row: Dict[str, Any]) -> str:
 
 
 def render_trainer_runs(main: Dict[str, Any], runs: Sequence[Tuple[str, Dict[str, Any]]]) -> str:
-    """The ``ddpm_lib.Trainer`` rows of further runs on the same card (``--trainer-runs``), in one table."""
+    """The ``ddpm_lib.Trainer`` rows of further runs on the same card (``--trainer-run``), in one table."""
     dt = main.get("diffusers_best_train_images_per_s")
     out = ["", f"`ddpm_lib.Trainer` in further runs on the same card ({main.get('device_name') or main['card']}), "
            "each its own process; the ratio is to diffusers' best training rate of the run above, so it crosses "
@@ -315,16 +317,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="copy the JSON into this folder first (e.g. benchmarks/results)")
     ap.add_argument("--print", dest="only_print", action="store_true", help="print the section, change nothing")
     ap.add_argument("--allow-cpu", action="store_true", help="accept a CPU run (tests only)")
-    ap.add_argument("--trainer-runs", type=Path, nargs="*", default=[],
-                    help="further results on the same card whose ddpm_lib.Trainer rows are listed too")
+    ap.add_argument("--trainer-run", dest="trainer_runs", type=Path, action="append", default=[],
+                    help="a further result on the same card whose ddpm_lib.Trainer rows are listed too (repeatable)")
     args = ap.parse_args(argv)
     data = json.loads(args.json.read_text())
     try:
         check(data, allow_cpu=args.allow_cpu)
         extra = [(f.name, json.loads(f.read_text())) for f in args.trainer_runs]
         for name, d in extra:
-            if d.get("card") != data["card"]:
-                raise ValueError(f"{name} is from {d.get('card')}, not {data['card']}")
+            if d.get("card") != data["card"] or not isinstance(d.get("modes"), list):
+                raise ValueError(f"{name} is not a result with modes from {data['card']}")
     except (OSError, ValueError) as exc:
         print(f"record.py: {exc}", file=sys.stderr)
         return 2

@@ -276,11 +276,14 @@ def group_norm_from_moments(x: torch.Tensor, num_groups: int, weight: Optional[t
     follows: SiLU, a residual add); this is an experiment against the GPU's own GroupNorm kernels, whose
     time the first profile on an H200 put at 14 of the 38 ms of a forward pass at batch 1024.
     The arithmetic is float32; the result is float32 for float32 input and under autocast (as
-    ``F.group_norm`` under autocast), else ``x``'s dtype.
+    ``F.group_norm`` under CUDA's autocast; CPU autocast keeps bfloat16 there), else ``x``'s dtype. An input
+    without spatial dimensions, ``(N, C)``, goes to ``F.group_norm``.
     """
     N, C = x.shape[0], x.shape[1]
     if C % num_groups:
         raise ValueError(f"num_groups {num_groups} does not divide {C} channels")
+    if x.ndim < 3:
+        return nn.functional.group_norm(x, num_groups, weight, bias, eps)
     dims = tuple(range(2, x.ndim))
     cpg = C // num_groups
     per_channel = 1

@@ -356,3 +356,8 @@ def test_set_group_norm_keeps_the_network():
     assert ((out - ref).norm() / ref.norm()).item() < 2e-2
     with pytest.raises(ValueError, match="group_norm must be one of"):
         accel.set_group_norm(m, "triton")
+    flat = torch.nn.GroupNorm(4, 8)  # (N, C): no spatial dimensions
+    x2 = torch.randn(3, 8)
+    ref2 = flat(x2)
+    accel.set_group_norm(flat, "moments")
+    torch.testing.assert_close(flat(x2), ref2)

@@ -243,3 +243,24 @@ def test_kernel_categories():
     for name, want in cases.items():
         assert bench.kernel_category(name) == want, name
         assert want in bench.PROFILE_CATEGORIES
+
+
+def test_record_the_committed_gpu_results(tmp_path, capsys):
+    """The committed H200 results render as the documents hold them: the main run, the Trainer rows of two further
+    runs (--trainer-run), what each Trainer row ran with, and the first run's convolution sum marked as no floor."""
+    record = _load_record()
+    results = SCRIPT.parent / "results"
+    main, runs = results / "nvidia-h200.json", [results / "nvidia-h200-run2.json", results / "nvidia-h200-run3.json"]
+    args = [str(main)] + [a for r in runs for a in ("--trainer-run", str(r))]
+    assert record.main(args + ["--print"]) == 0
+    section = capsys.readouterr().out
+    assert "**3.09×** (target 2.0×: **met**)" in section and "(target 1.5×: **not met**)" in section
+    assert "| `nvidia-h200-run3.json` | 2026-11-27 02:37 | `trainer` | defaults | compiled True, CUDA graph True |" \
+        in section
+    assert "not a floor" in section and "compiled False, CUDA graph False" in section
+    for doc in record.DOCS:  # the documents hold this very section
+        assert section.strip() in doc.read_text(), doc
+    other = json.loads(runs[0].read_text())
+    other["card"] = "nvidia-h100-80gb-hbm3"
+    (tmp_path / "h100.json").write_text(json.dumps(other))
+    assert record.main([str(main), "--trainer-run", str(tmp_path / "h100.json"), "--print"]) == 2
