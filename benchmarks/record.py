@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -275,10 +274,9 @@ def render(data: Dict[str, Any], json_name: str) -> str:
 
 
 def trainer_settings(row: Dict[str, Any]) -> str:
-    """What a Trainer row ran with, from its note (``compiled X, CUDA graph Y``): the options alone do not say it,
-    since what ``defaults`` means changed (2026-11-27: compile and the CUDA graph became the defaults on CUDA)."""
-    m = re.search(r"compiled (\w+), CUDA graph (\w+)", row.get("train_note", ""))
-    return f"compiled {m.group(1)}, CUDA graph {m.group(2)}" if m else "settings not recorded"
+    """What a Trainer row ran with: the options alone do not say it, since what ``defaults`` means changed
+    (2026-11-27: compile and the CUDA graph became the defaults on CUDA)."""
+    return f"compiled {row.get('train_compiled', '?')}, CUDA graph {row.get('train_cuda_graph', '?')}"
 
 
 def render_trainer_runs(main: Dict[str, Any], runs: Sequence[Tuple[str, Dict[str, Any]]]) -> str:
@@ -338,14 +336,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.copy_to is not None:
         args.copy_to.mkdir(parents=True, exist_ok=True)
-        target = args.copy_to / args.json.name
-        if target.resolve() != args.json.resolve():
-            shutil.copyfile(args.json, target)
-        print(f"copied {args.json} -> {target}")
-        for f in args.trainer_runs:
-            if (args.copy_to / f.name).resolve() != f.resolve():
-                shutil.copyfile(f, args.copy_to / f.name)
-            print(f"copied {f} -> {args.copy_to / f.name}")
+        for f in [args.json, *args.trainer_runs]:
+            target = args.copy_to / f.name
+            if target.resolve() != f.resolve():
+                shutil.copyfile(f, target)
+            print(f"copied {f} -> {target}")
     new = {}
     for doc in args.docs:  # check every document before writing any
         try:

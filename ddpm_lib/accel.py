@@ -33,6 +33,7 @@ Shapes follow the library: ``x (B, C, H, W)``, ``t (B,)`` integer timesteps, opt
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -262,7 +263,6 @@ def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channel
     return fast
 
 
-# ---------------------------------------------------------------------------------------------- the optimizer
 # ---------------------------------------------------------------------------------------------- GroupNorm
 def group_norm_from_moments(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                             bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
@@ -286,9 +286,7 @@ def group_norm_from_moments(x: torch.Tensor, num_groups: int, weight: Optional[t
         return nn.functional.group_norm(x, num_groups, weight, bias, eps)
     dims = tuple(range(2, x.ndim))
     cpg = C // num_groups
-    per_channel = 1
-    for d in x.shape[2:]:
-        per_channel *= d
+    per_channel = math.prod(x.shape[2:])
     xf = x.float()
     pivot = xf[(slice(None), slice(None)) + (0,) * len(dims)].detach()  # (N, C): each channel's first value
     pv = pivot.reshape((N, C) + (1,) * len(dims))
@@ -345,6 +343,7 @@ def set_group_norm(model: nn.Module, kind: str = "native") -> int:
     return n
 
 
+# ---------------------------------------------------------------------------------------------- the optimizer
 def make_optimizer(params, lr: float = 2e-4, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *,
                    fused: Auto = "auto", capturable: bool = False) -> torch.optim.Adam:
     """The paper's Adam (lr 2e-4, betas 0.9/0.999, eps 1e-8), fused into a few kernels on CUDA.

@@ -569,13 +569,12 @@ def export_checkpoint(src: PathLike, dst: PathLike, dtype: Optional[torch.dtype]
 def _set_generator_state(gen: torch.Generator, state: torch.Tensor) -> bool:
     """Restore a generator's state; a state saved on another kind of device (a CPU generator's 5056 bytes
     against a CUDA one's 16) seeds it deterministically from that state instead. Returns False then."""
-    try:
+    if state.numel() == gen.get_state().numel():
         gen.set_state(state)
         return True
-    except RuntimeError:
-        digest = hashlib.sha256(bytes(state.to("cpu", torch.uint8).numpy().tobytes())).digest()
-        gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-        return False
+    digest = hashlib.sha256(state.to("cpu", torch.uint8).numpy().tobytes()).digest()
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return False
 
 
 def _resolve_auto(value, cuda: bool) -> bool:
