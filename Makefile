@@ -44,7 +44,9 @@ test: $(STAMP)
 # With several pytest workers (or kernels) on few cores, one thread each avoids oversubscription
 # (torch's OpenMP threads otherwise fight each other and small ops get 10-70x slower).
 # --dist loadgroup keeps the browser test (one browser, one server) on one worker.
+# scripts/ensure_triton.py: the Triton that torch names, for the kernel tests under Triton's interpreter
 test-unit: $(STAMP)
+	$(PY) scripts/ensure_triton.py
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests/ -n $(JOBS) --dist loadgroup -q --durations=15
 
 # The browser test alone, on the site in _build/html (built first when older than the book's sources).

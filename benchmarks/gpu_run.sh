@@ -36,7 +36,7 @@ rc=$?
 if [ "$DEVICE" = cuda ]; then
   # the CUDA-only correctness tests (graphed training step = eager step; the trainer in bf16 + channels_last)
   echo; echo "=== pytest -m gpu ==="
-  timeout 150 python3 -m pytest -m gpu tests/test_accel.py tests/test_trainer.py tests/test_cli.py -q -p no:cacheprovider 2>&1 \
+  timeout 180 python3 -m pytest -m gpu tests/test_accel.py tests/test_trainer.py tests/test_cli.py tests/test_kernels.py -q -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -15
 fi
 json=$(ls -t "$OUT"/*.json 2>/dev/null | head -1)

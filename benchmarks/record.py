@@ -142,14 +142,21 @@ def render(data: Dict[str, Any], json_name: str) -> str:
         for what in ("train_error", "infer_error"):
             if r.get(what):
                 notes.append(f"{net} `{r['mode']}` {what.split('_')[0]}: {str(r[what])[:200]}")
+        if r.get("infer_rel_err_vs_fp32") is not None:
+            notes.append(f"{net} `{r['mode']}`: output against float32 eager, relative error "
+                         f"{r['infer_rel_err_vs_fp32']:.1e} ({'within' if r.get('infer_same_function') else 'NOT within'}"
+                         f" bf16 tolerance 2e-2)")
     out.append("")
     if info_only:
         base = ", ".join(f"`{r['mode']}`" for r in d["modes"] if r.get("counts_for_diffusers_baseline"))
         out.append(f"\\* For information only: not among the modes diffusers' baseline is taken over ({base}).")
         out.append("")
     if experiment:
-        out.append("† An experiment, not (yet) what ddpm_lib does by default, so not counted as its best: `_gnm` "
-                   "computes every GroupNorm from per-channel moments (`ddpm_lib.accel.set_group_norm`).")
+        out.append("† An experiment, not (yet) what ddpm_lib does by default, so not counted as its best: `_tgn` "
+                   "runs each GroupNorm (+ SiLU, + the residual block's bias and time-embedding term) as one Triton "
+                   "kernel when no gradient is needed (`ddpm_lib.kernels`, `set_group_norm(model, \"triton\")`), "
+                   "`_sp` computes each upsampling convolution at the low resolution (`accel.set_upsample`), "
+                   "`_sptgn` both, `_gnm` every GroupNorm from per-channel moments.")
         out.append("")
     if st.get("diffusers_baseline_step"):
         out.append(f"diffusers' training rows without a star time its network in a plain PyTorch step "

@@ -86,13 +86,16 @@ SIZES = {
     "tiny": dict(preset="tiny", diffusers=TINY_DIFFUSERS_CONFIG, train_batch=4, infer_batch=8,
                  image=16, data_n=32, min_rep_s=0.0, reps=3, peak_n=256, warmup=1, overrides=dict(ch=16)),
 }
+# ddpm_lib's experiments (not among its defaults, so never its best), by suffix: the Triton GroupNorm(+SiLU)
+# kernel of ddpm_lib.kernels for inference (_tgn), the upsampling convolutions at the low resolution (_sp),
+# both (_sptgn), GroupNorm from per-channel moments (_gnm); each as a compiled mode and its CUDA graph (fast_)
+EXPERIMENTS = {"sptgn": ("infer",), "tgn": ("infer",), "sp": ("infer", "train"), "gnm": ("infer", "train")}
+EXPERIMENT_MODES = tuple(f"{p}_{e}" for e in EXPERIMENTS for p in ("bf16_cl_compile", "fast"))
 ALL_MODES = ["ours:fast", "ours:bf16_cl_compile", "diffusers:bf16_cl_compile", "diffusers:bf16_cl_compile_graph",
-             "ours:fast_gnm", "ours:bf16_cl_compile_gnm",
+             *(f"ours:{m}" for m in EXPERIMENT_MODES),
              "ours:bf16_cl", "diffusers:bf16_cl", "ours:fp32", "diffusers:fp32",
              "ours:trainer", "ours:trainer_graph", "ours:trainer_eager"]
 BASELINE_MODES = ("fp32", "bf16_cl", "bf16_cl_compile")  # diffusers' best is taken over these (the issue)
-# ddpm_lib's experiments (not among its defaults, so not its best): GroupNorm from per-channel moments
-EXPERIMENT_MODES = ("bf16_cl_compile_gnm", "fast_gnm")
 # ddpm_lib.Trainer's own loop: its defaults (on CUDA compiled and replayed from a CUDA graph), then the graph
 # without compiling, then neither (the defaults before the GPU run of 2026-11-27)
 TRAINER_MODES = {"trainer": {}, "trainer_graph": {"compile": False, "cuda_graph": True},
@@ -462,7 +465,8 @@ class Run:
                 if r.get(what):
                     lines.append(f"{'':<10} {what}: {r[what][:150]}")
         lines.append("* information only: not among the modes the diffusers baseline is taken over (diffusers), an "
-                     "experiment not counted as ddpm_lib's best (ddpm_lib, *_gnm: GroupNorm from moments); "
+                     "experiment not counted as ddpm_lib's best (ddpm_lib, *_tgn: Triton GroupNorm+SiLU kernel, *_sp: "
+                     "sub-pixel upsampling, *_gnm: GroupNorm from moments); "
                      "x diff = ratio to diffusers' best of fp32, bf16_cl, bf16_cl_compile (training: in the plain "
                      "PyTorch step; +ddpm_step: diffusers' network in ddpm_lib's step)")
         if fl:
@@ -755,8 +759,10 @@ class Run:
     # ------------------------------------------------------------------ one mode
     def settings_for(self, mode: str) -> Dict[str, Any]:
         comp = mode.startswith("bf16_cl_compile") or mode.startswith("fast")
-        return dict(bf16=mode != "fp32", channels_last=mode != "fp32", compile=comp,
-                    group_norm="moments" if mode.endswith("_gnm") else None)
+        exp = mode.rsplit("_", 1)[-1] if mode in EXPERIMENT_MODES else ""
+        gn = {"gnm": "moments", "tgn": "triton", "sptgn": "triton"}.get(exp)
+        return dict(bf16=mode != "fp32", channels_last=mode != "fp32", compile=comp, group_norm=gn,
+                    upsample="subpixel" if exp in ("sp", "sptgn") else None)
 
     def release(self, reset_dynamo: bool) -> None:
         gc.collect()
@@ -775,7 +781,7 @@ class Run:
         model.train(train)
         return accel.prepare_model(model, self.device, bf16=st["bf16"], channels_last=st["channels_last"],
                                    compile=st["compile"], compile_backend=self.compile_backend(),
-                                   group_norm=st["group_norm"])
+                                   group_norm=st["group_norm"], upsample=st["upsample"])
 
     def train_group(self, net: str, master: nn.Module, mode: str, graph_key: Optional[str]) -> None:
         """Time the training step of ``net`` in ``mode``; with ``graph_key``, also the same step in a CUDA graph."""
@@ -962,7 +968,10 @@ class Run:
                 grow.update({k: v for k, v in row.items() if k.startswith("infer")})
                 grow["infer_note"] = "CPU: compiled forward without CUDA graph"
         if check is not None:
-            self.same_function_check(best_fwd, check)
+            if mode in EXPERIMENT_MODES:
+                self.experiment_check(best_fwd, check["ours"], self.row(graph_key) if best_fwd is not fwd else row)
+            else:
+                self.same_function_check(best_fwd, check)
         del fwd, best_fwd, fast
         self.release(reset_dynamo=False)
 
@@ -1016,6 +1025,27 @@ class Run:
             res["fast_vs_fp32_rel_err"],
             f"{res['ours_fp32_vs_diffusers_fp32_rel_err']:.2e}" if "ours_fp32_vs_diffusers_fp32_rel_err" in res
             else "n/a", res["ok"]))
+        self.write_json()
+
+    @torch.no_grad()
+    def experiment_check(self, fwd, master: nn.Module, row: Dict[str, Any]) -> None:
+        """An experiment's forward against float32 eager (TF32 off) on the same weights and inputs: recorded in
+        its row (``infer_rel_err_vs_fp32``, bf16 tolerance 2e-2)."""
+        x, t = self.infer_inputs[0]
+        n = min(256, x.shape[0])
+        old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            m = copy.deepcopy(master).to(self.device).float().eval()
+            ref = m(x[:n], t[:n]).float()
+            del m
+            out = fwd(x, t)[:n].float()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        err = float((out - ref).norm() / ref.norm())
+        row["infer_rel_err_vs_fp32"] = err
+        row["infer_same_function"] = bool(torch.isfinite(out).all()) and err < 2e-2
+        log(f"{row['network']}:{row['mode']}: rel err vs fp32 eager {err:.2e} (ok={row['infer_same_function']})")
         self.write_json()
 
     def maybe_loss_check(self, master, fast, opt, ema, step, gen) -> None:
@@ -1116,13 +1146,16 @@ class Run:
         # ours' kernels from ours:train, so that is quick)
         if "train" in what and "ours:trainer" in want:
             add("ours", "trainer", "train", est=90.0)
-        # diffusers' eager modes (completing its baseline), then the experiment, then ours' eager modes
+        # diffusers' eager modes (completing its baseline), then the experiments (inference first: the open
+        # target), then ours' eager modes
         for net in ("diffusers", "ours"):
-            if net == "ours":  # the experiment: GroupNorm from per-channel moments (accel.set_group_norm)
-                for kind in ("train", "infer"):
-                    if kind in what and {"ours:fast_gnm", "ours:bf16_cl_compile_gnm"} & want:
-                        add("ours", "bf16_cl_compile_gnm", kind, "ours:fast_gnm" if "ours:fast_gnm" in want else None,
-                            est=90.0 if kind == "train" else 45.0)
+            if net == "ours":
+                for kind in ("infer", "train"):
+                    for exp, kinds in EXPERIMENTS.items():
+                        if kind in what and kind in kinds and {f"ours:fast_{exp}", f"ours:bf16_cl_compile_{exp}"} & want:
+                            add("ours", f"bf16_cl_compile_{exp}", kind,
+                                f"ours:fast_{exp}" if f"ours:fast_{exp}" in want else None,
+                                est=90.0 if kind == "train" else 45.0, check=kind == "infer")
             for mode in ("bf16_cl", "fp32"):
                 for kind in ("train", "infer"):
                     if kind in what and f"{net}:{mode}" in want:
@@ -1255,7 +1288,9 @@ def _main(args) -> Dict[str, Any]:
                 log(f"{key} {job['kind']}: {msg}")
                 continue
             compiled = job["mode"].startswith("bf16_cl_compile") or (job["mode"] == "trainer" and run.cuda)
-            if compiled and last_net_compiled not in (None, job["net"]):
+            # a fresh dynamo for another network, and for each experiment (its swapped-in classes would
+            # otherwise count towards dynamo's recompile limit for the network's forward)
+            if compiled and (last_net_compiled not in (None, job["net"]) or job["mode"] in EXPERIMENT_MODES):
                 run.release(reset_dynamo=True)
             if compiled:
                 last_net_compiled = job["net"]

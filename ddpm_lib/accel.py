@@ -41,6 +41,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .unet import ResBlock, Upsample
+
 __all__ = [
     "bf16_native",
     "compile_available",
@@ -54,7 +56,12 @@ __all__ = [
     "ema_update_",
     "group_norm_from_moments",
     "MomentGroupNorm",
+    "TritonGroupNorm",
+    "TritonResBlock",
     "set_group_norm",
+    "upsample_conv_subpixel",
+    "SubpixelUpsample",
+    "set_upsample",
 ]
 
 Auto = Union[bool, str]
@@ -218,7 +225,8 @@ class FastModel:
 
 def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channels_last: Auto = "auto",
                   compile: Auto = "auto", compile_mode: Optional[str] = None, compile_backend: str = "inductor",
-                  fullgraph: bool = False, group_norm: Optional[str] = None) -> FastModel:
+                  fullgraph: bool = False, group_norm: Optional[str] = None,
+                  upsample: Optional[str] = None) -> FastModel:
     """Move ``model`` to ``device`` in float32 (its master weights) and set up the fast path.
 
     Args:
@@ -233,8 +241,10 @@ def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channel
             compiles much longer). Leave ``"reduce-overhead"`` to :func:`make_train_step`'s
             ``cuda_graph``, which captures the optimizer too.
         compile_backend: ``"inductor"``; ``"eager"`` traces without generating kernels (for tests).
-        group_norm: None (leave the model's GroupNorms as they are), ``"native"`` or ``"moments"``
-            (:func:`set_group_norm`; an experiment, not yet measured on a GPU).
+        group_norm: None (leave the model's GroupNorms as they are), ``"native"``, ``"moments"`` or
+            ``"triton"`` (:func:`set_group_norm`; the last two are experiments).
+        upsample: None (leave the model's upsampling layers as they are), ``"nearest"`` or ``"subpixel"``
+            (:func:`set_upsample`; an experiment).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -254,6 +264,8 @@ def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channel
         use_compile = False
     if group_norm is not None:
         set_group_norm(model, group_norm)
+    if upsample is not None:
+        set_upsample(model, upsample)
     model = model.to(device).float()
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
@@ -326,19 +338,138 @@ class MomentGroupNorm(nn.GroupNorm):
         return group_norm_from_moments(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-GROUP_NORMS = ("native", "moments")
+_KERNELS = None  # ddpm_lib.kernels, imported by set_group_norm(..., "triton") (it imports Triton)
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        from . import kernels
+        _KERNELS = kernels
+    return _KERNELS
+
+
+class TritonGroupNorm(nn.GroupNorm):
+    """:class:`torch.nn.GroupNorm` (same parameters, same state dict, same function) that runs the Triton
+    kernel :func:`ddpm_lib.kernels.group_norm_act` where it applies (CUDA, no gradient: sampling) and
+    PyTorch's GroupNorm elsewhere. :meth:`forward_act` adds a per-(sample, channel) term first and applies
+    SiLU after, in the same pass; :class:`TritonResBlock` uses it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = _kernels()
+        if k.supported(x, self.num_groups, self.weight, self.bias):
+            return k.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps)
+        return nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+    def forward_act(self, x: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``SiLU(GroupNorm(x + add[:, :, None, None]))``; ``add (N, C)`` or None."""
+        return _kernels().group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, add, act=True)
+
+
+class TritonResBlock(ResBlock):
+    """:class:`ddpm_lib.unet.ResBlock` (same parameters, same function) whose two GroupNorm+SiLU run as one
+    kernel each (:class:`TritonGroupNorm`) where the kernel applies; the first convolution's bias and the
+    time-embedding term are added inside the second kernel instead of in a pass of their own."""
+
+    def forward(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
+        n1, n2 = self.norm1, self.norm2
+        if not (isinstance(n1, TritonGroupNorm) and isinstance(n2, TritonGroupNorm)):
+            return super().forward(x, emb_act)
+        # forward_act falls back to PyTorch's operators (same function) wherever the kernel does not apply
+        c1 = self.conv1
+        h = nn.functional.conv2d(n1.forward_act(x), c1.weight, None, c1.stride, c1.padding, c1.dilation,
+                                 c1.groups)
+        e = self.emb_proj(emb_act)
+        if c1.bias is not None:
+            e = e + c1.bias
+        h = self.conv2(self.dropout(n2.forward_act(h, e)))
+        return self.skip(x) + h
+
+
+GROUP_NORMS = ("native", "moments", "triton")
 
 
 def set_group_norm(model: nn.Module, kind: str = "native") -> int:
-    """Compute every ``nn.GroupNorm`` of ``model`` with PyTorch's kernels (``"native"``) or from per-channel
-    moments (``"moments"``, :class:`MomentGroupNorm`), in place; the parameters are untouched. Returns how many
-    layers it set."""
+    """Compute every ``nn.GroupNorm`` of ``model`` in place (the parameters are untouched) with PyTorch's
+    kernels (``"native"``), from per-channel moments (``"moments"``, :class:`MomentGroupNorm`), or with the
+    Triton kernel of :mod:`ddpm_lib.kernels` where it applies (``"triton"``: :class:`TritonGroupNorm`, and
+    each residual block's GroupNorm+SiLU fused, :class:`TritonResBlock`; PyTorch's GroupNorm wherever a
+    gradient is needed). ``"moments"`` and ``"triton"`` are experiments. Returns how many GroupNorms it set."""
     if kind not in GROUP_NORMS:
         raise ValueError(f"group_norm must be one of {GROUP_NORMS}, got {kind!r}")
+    if kind == "triton":
+        _kernels()
+    norm_cls = {"native": nn.GroupNorm, "moments": MomentGroupNorm, "triton": TritonGroupNorm}[kind]
     n = 0
     for m in model.modules():
-        if type(m) in (nn.GroupNorm, MomentGroupNorm):
-            m.__class__ = MomentGroupNorm if kind == "moments" else nn.GroupNorm
+        if type(m) in (nn.GroupNorm, MomentGroupNorm, TritonGroupNorm):
+            m.__class__ = norm_cls
+            n += 1
+        elif type(m) in (ResBlock, TritonResBlock):
+            m.__class__ = TritonResBlock if kind == "triton" else ResBlock
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- upsampling
+#: for each output phase a (row or column parity of the upsampled image): which of the 3x3 kernel's taps
+#: fall on the low-resolution pixel before (row 0) and on the one at or after (row 1)
+_SUBPIXEL_TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
+
+
+def upsample_conv_subpixel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)`` for a 3x3 ``weight``,
+    computed at the low resolution: the same function with 4/9 of the multiply-adds (plus the border).
+
+    Output pixel ``(2i+a, 2j+b)`` of the convolution over the upsampled image sees low-resolution rows
+    ``i-1, i`` (``a = 0``: taps 0 | 1+2) or ``i, i+1`` (``a = 1``: taps 0+1 | 2), and the same for columns.
+    So the four phases ``(a, b)`` are four 2x2 convolutions of ``x`` whose kernels are sums of the 3x3
+    kernel's taps; they run as one 2x2 convolution with ``4 * C_out`` outputs and padding 1 (output
+    ``(H+1, W+1)``, phase ``(a, b)`` taken at offset ``(a, b)``), interleaved into the ``(2H, 2W)`` result in
+    ``x``'s memory format. Gradients flow to ``weight`` through the sums. Shapes: ``x (B, C, H, W)``,
+    ``weight (O, C, 3, 3)`` -> ``(B, O, 2H, 2W)``.
+    """
+    if weight.shape[-2:] != (3, 3):
+        raise ValueError(f"a 3x3 kernel is needed, got {tuple(weight.shape)}")
+    B, _, H, W = x.shape
+    O = weight.shape[0]
+    taps = torch.tensor(_SUBPIXEL_TAPS, dtype=weight.dtype, device=weight.device)  # (phase, 2, 3)
+    k = torch.einsum("asy,oiyx,btx->aboist", taps, weight, taps).reshape(4 * O, weight.shape[1], 2, 2)
+    z = nn.functional.conv2d(x, k, None if bias is None else bias.repeat(4), padding=1)  # (B, 4 O, H+1, W+1)
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    out = torch.empty((B, O, 2 * H, 2 * W), dtype=z.dtype, device=z.device,
+                      memory_format=torch.channels_last if cl else torch.contiguous_format)
+    for a in (0, 1):
+        for b in (0, 1):
+            p = 2 * a + b
+            out[:, :, a::2, b::2] = z[:, p * O:(p + 1) * O, a:a + H, b:b + W]
+    return out
+
+
+class SubpixelUpsample(Upsample):
+    """:class:`ddpm_lib.unet.Upsample` (same parameters, same function) computed by
+    :func:`upsample_conv_subpixel`: its convolution at the low resolution, 4/9 of the work."""
+
+    def forward(self, x: torch.Tensor, emb_act: Optional[torch.Tensor] = None) -> torch.Tensor:
+        conv = self.conv
+        if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (3, 3) or conv.padding != (1, 1) \
+                or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1:
+            return super().forward(x, emb_act)
+        return upsample_conv_subpixel(x, conv.weight, conv.bias)
+
+
+UPSAMPLES = ("nearest", "subpixel")
+
+
+def set_upsample(model: nn.Module, kind: str = "nearest") -> int:
+    """Compute every :class:`ddpm_lib.unet.Upsample` of ``model`` in place as written (``"nearest"``: upsample,
+    then convolve) or at the low resolution (``"subpixel"``: :func:`upsample_conv_subpixel`, the same function
+    with fewer multiply-adds; an experiment). The parameters are untouched. Returns how many it set."""
+    if kind not in UPSAMPLES:
+        raise ValueError(f"upsample must be one of {UPSAMPLES}, got {kind!r}")
+    n = 0
+    for m in model.modules():
+        if type(m) in (Upsample, SubpixelUpsample):
+            m.__class__ = SubpixelUpsample if kind == "subpixel" else Upsample
             n += 1
     return n
 

@@ -355,9 +355,83 @@ def test_set_group_norm_keeps_the_network():
         out = fast(x, t).float()
     assert ((out - ref).norm() / ref.norm()).item() < 2e-2
     with pytest.raises(ValueError, match="group_norm must be one of"):
-        accel.set_group_norm(m, "triton")
+        accel.set_group_norm(m, "fused")
     flat = torch.nn.GroupNorm(4, 8)  # (N, C): no spatial dimensions
     x2 = torch.randn(3, 8)
     ref2 = flat(x2)
     accel.set_group_norm(flat, "moments")
     torch.testing.assert_close(flat(x2), ref2)
+
+
+def test_set_group_norm_triton_is_the_same_network_where_the_kernel_cannot_run():
+    """"triton" swaps the GroupNorms and residual blocks in place (same state dict) and back; where the kernel
+    does not run (here: a CPU without Triton's interpreter, or a gradient to compute) the blocks compute the
+    same function, values and gradients, with PyTorch's operators. The kernel itself: tests/test_kernels.py."""
+    from ddpm_lib.unet import ResBlock
+    m = _tiny().train()
+    x, t = _inputs()
+    ref = m(x, t)
+    grads_ref = torch.autograd.grad(ref.square().mean(), list(m.parameters()))
+    tri = copy.deepcopy(m)
+    n = accel.set_group_norm(tri, "triton")
+    assert n == sum(isinstance(mod, torch.nn.GroupNorm) for mod in m.modules())
+    assert all(type(mod) is accel.TritonResBlock for mod in tri.modules() if isinstance(mod, ResBlock))
+    assert tri.state_dict().keys() == m.state_dict().keys()
+    out = tri(x, t)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(out.square().mean(), list(tri.parameters())), grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    accel.set_group_norm(tri, "native")
+    assert not any(type(mod) in (accel.TritonResBlock, accel.TritonGroupNorm) for mod in tri.modules())
+
+
+# ---------------------------------------------------------------------------------------------- upsampling
+@pytest.mark.parametrize("shape,out_ch,bias", [((2, 5, 4, 6), 7, True), ((1, 3, 1, 1), 3, True),
+                                               ((2, 8, 3, 2), 4, False)])
+def test_upsample_subpixel_is_nearest_then_conv(shape, out_ch, bias):
+    """conv3x3(nearest x2 upsample) computed at the low resolution: the same values and gradients (float64)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out_ch, shape[1], 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_ch, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    ref = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"), w, b,
+                                     padding=1)
+    out = accel.upsample_conv_subpixel(x, w, b)
+    assert out.shape == ref.shape == (shape[0], out_ch, 2 * shape[2], 2 * shape[3])
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    inputs = [v for v in (x, w, b) if v is not None]
+    for a, r in zip(torch.autograd.grad(out, inputs, gy), torch.autograd.grad(ref, inputs, gy)):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    if shape[2] * shape[3] > 1:  # (a 1x1 image is in both memory formats at once)
+        xc = x.detach().float().contiguous(memory_format=torch.channels_last)
+        assert accel.upsample_conv_subpixel(xc, w.detach().float()).is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="3x3"):
+        accel.upsample_conv_subpixel(x, w[..., :2, :2])
+
+
+def test_set_upsample_keeps_the_network():
+    """set_upsample swaps every Upsample in place (same state dict, same function and gradients) and back;
+    prepare_model takes it; in bf16 + channels_last it matches float32 within bf16 tolerance."""
+    from ddpm_lib.unet import Upsample
+    m = _tiny().train()
+    x, t = _inputs()
+    ref = m(x, t)
+    grads_ref = torch.autograd.grad(ref.square().mean(), list(m.parameters()))
+    sp = copy.deepcopy(m)
+    n = accel.set_upsample(sp, "subpixel")
+    assert n == sum(isinstance(mod, Upsample) for mod in m.modules()) > 0
+    assert sp.state_dict().keys() == m.state_dict().keys()
+    out = sp(x, t)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(out.square().mean(), list(sp.parameters())), grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    accel.set_upsample(sp, "nearest")
+    assert all(type(mod) is Upsample for mod in sp.modules() if isinstance(mod, Upsample))
+    fast = accel.prepare_model(copy.deepcopy(m).eval(), "cpu", bf16=True, channels_last=True, compile=False,
+                               upsample="subpixel")
+    assert any(type(mod) is accel.SubpixelUpsample for mod in fast.module.modules())
+    with torch.no_grad():
+        assert _rel(fast(x, t), m.eval()(x, t)) < BF16_TOL
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        accel.set_upsample(m, "bilinear")

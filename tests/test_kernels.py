@@ -1,0 +1,158 @@
+"""The Triton kernel of ddpm_lib.kernels (GroupNorm + per-channel add + SiLU in one pass).
+
+The tests run on a CUDA device where there is one, else on the CPU under Triton's interpreter:
+``test_kernels_under_the_triton_interpreter`` reruns this file in a subprocess with ``TRITON_INTERPRET=1``
+(the variable has to be set before Triton and ddpm_lib.kernels are imported).
+"""
+import copy
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ddpm_lib import UNet, accel, ddim_sample, kernels
+from ddpm_lib.diffusion import GaussianDiffusion
+
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif kernels.INTERPRET:
+    DEVICE = "cpu"
+else:
+    DEVICE = None
+needs_kernel = pytest.mark.skipif(DEVICE is None or kernels.triton is None,
+                                  reason="needs Triton and a CUDA device, or TRITON_INTERPRET=1 (see below)")
+pytestmark = pytest.mark.gpu
+
+# the shapes of the paper's CIFAR-10 network at batch 2 (32 groups), and odd ones
+SHAPES = [(2, 128, 32, 32, 32), (2, 384, 16, 16, 32), (2, 512, 4, 4, 32), (2, 256, 8, 8, 32),
+          (3, 12, 5, 7, 4), (2, 8, 1, 1, 2)]
+
+
+@pytest.mark.skipif(DEVICE is not None or kernels.INTERPRET, reason="the kernel runs directly here")
+@pytest.mark.timeout(900)
+def test_kernels_under_the_triton_interpreter():
+    """Every test below, on the CPU, under Triton's interpreter (numpy): the kernel's own code, not a copy."""
+    pytest.importorskip("triton", reason="Triton is not installed (make test installs the one torch asks for)")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                        "-x", os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=850)
+    tail = (r.stdout[-4000:] + "\n" + r.stderr[-2000:]).strip()
+    assert r.returncode == 0, tail
+    counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|skipped|failed)", r.stdout.splitlines()[-1]))
+    assert counts.get("passed", 0) >= 20 and counts.get("skipped", 0) == 1, tail  # skipped: this test there
+
+
+def _reference64(x, groups, w, b, eps, add, act):
+    return kernels.group_norm_act_reference(x.double(), groups, None if w is None else w.double(),
+                                            None if b is None else b.double(), eps,
+                                            None if add is None else add.double(), act)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+def test_group_norm_act_is_group_norm_then_silu(shape, dtype, channels_last):
+    """Against float64 PyTorch: float32 to 1e-5 of the output's scale, bfloat16 to its rounding; the output
+    keeps the input's dtype and memory format; a large mean costs no precision (two-pass variance)."""
+    N, C, H, W, G = shape
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(N, C, H, W, generator=g) * 3 + 1e3 * (dtype == torch.float32)).to(DEVICE, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = (torch.randn(C, generator=g).to(DEVICE) for _ in range(2))
+    adds = [None, torch.randn(N, C, generator=g).to(DEVICE), torch.randn(C, generator=g).to(DEVICE)]
+    for i, (add, act, wb) in enumerate([(adds[0], True, True), (adds[1], True, True), (adds[2], False, True),
+                                        (adds[1], False, False)]):
+        ww, bb = (w, b) if wb else (None, None)
+        assert kernels.supported(x, G, ww, bb, add)
+        with torch.no_grad():
+            y = kernels.group_norm_act(x, G, ww, bb, 1e-6, add, act=act)
+        ref = _reference64(x, G, ww, bb, 1e-6, add, act)
+        assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride(), i
+        scale = ref.abs().max().item()
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # bf16: 8 significant bits (the interpreter truncates)
+        err = (y.double() - ref).abs().max().item()
+        assert err <= tol * scale + 1e-6, (i, err, scale)
+
+
+@needs_kernel
+def test_where_the_kernel_does_not_apply_it_is_not_used():
+    """A gradient to compute, a group larger than MAX_TILE, a 3-D input: PyTorch's operators, same function."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 8, 8, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(16, generator=g).to(DEVICE)
+    assert not kernels.supported(x, 4, w)
+    y = kernels.group_norm_act(x, 4, w, None, 1e-5, act=True)
+    y.sum().backward()  # the reference path is differentiable
+    assert x.grad is not None
+    big = torch.randn(1, 64, 64, 64, generator=g).to(DEVICE)  # 64*64 positions x 8 channels per group
+    assert kernels.tile_for(64 * 64, 64, 8) is None and not kernels.supported(big, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.group_norm_act(big, 8, act=True),
+                                   torch.nn.functional.silu(torch.nn.functional.group_norm(big, 8)))
+    flat = torch.randn(3, 8, 5, generator=g).to(DEVICE)
+    assert not kernels.supported(flat, 2)
+
+
+@needs_kernel
+def test_the_kernel_traces_under_torch_compile():
+    """torch.compile sees one custom operator (fullgraph); the compiled result equals the eager one."""
+    if kernels._OP is None:
+        pytest.skip("torch.library.custom_op needs PyTorch >= 2.4")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 64, 8, 8, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    w, b, a = torch.randn(64, generator=g).to(DEVICE), torch.randn(64, generator=g).to(DEVICE), \
+        torch.randn(2, 64, generator=g).to(DEVICE)
+
+    def f(x, a):
+        return kernels.group_norm_act(x * 2, 32, w, b, 1e-6, a, act=True) + 1
+
+    with torch.no_grad():
+        ref = f(x, a)
+        out = torch.compile(f, backend="inductor" if DEVICE == "cuda" else "eager", fullgraph=True)(x, a)
+    torch.testing.assert_close(out, ref)
+    torch._dynamo.reset()
+
+
+def _tiny():
+    torch.manual_seed(0)
+    m = UNet.from_preset("tiny", ch=16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m.eval()
+
+
+@needs_kernel
+def test_the_network_with_the_kernel(monkeypatch):
+    """set_group_norm(model, "triton"): every GroupNorm runs the kernel without gradients, the network's
+    function is unchanged in float32 and within bf16 tolerance on the fast path (and in DDIM sampling)."""
+    calls = []
+    launch = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    m = _tiny().to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 3, 16, 16, generator=g).to(DEVICE), torch.tensor([5, 900], device=DEVICE)
+    with torch.no_grad():
+        ref = m(x, t)
+        tri = copy.deepcopy(m)
+        n = accel.set_group_norm(tri, "triton")
+        out = tri(x, t)
+    assert len(calls) == n > 0
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    fast = accel.prepare_model(copy.deepcopy(m), DEVICE, bf16=True, channels_last=True, compile=False,
+                               group_norm="triton", upsample="subpixel")
+    with torch.no_grad():
+        o = fast(x, t).float()
+    assert ((o - ref).norm() / ref.norm()).item() < 2e-2
+    d = GaussianDiffusion("linear", num_timesteps=100)
+    f = accel.make_sampler_forward(fast, cuda_graph=DEVICE == "cuda")
+    shape = (2, 3, 16, 16)
+    s_ref = ddim_sample(m, d, shape, steps=4, generator=torch.Generator(DEVICE).manual_seed(3))
+    s = ddim_sample(f, d, shape, steps=4, generator=torch.Generator(DEVICE).manual_seed(3))
+    assert ((s - s_ref).norm() / s_ref.norm()).item() < 2e-2
