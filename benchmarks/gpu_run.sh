@@ -3,7 +3,8 @@
 #   install the carried wheels (.whl/*.whl: diffusers and importlib_metadata), run throughput.py on CUDA,
 #   then the CUDA-only tests (pytest -m gpu, log in $OUT/gpu_tests.log), and print the Markdown section that
 #   benchmarks/record.py would write from the result.
-# Environment: OUT (where the JSON and the log go; default /tmp/ddpm-bench), BUDGET (seconds, default 400);
+# Environment: OUT (where the JSON and the log go; default /tmp/ddpm-bench), BUDGET (seconds, default 400),
+#   MODES and WHAT (throughput.py's --modes and --what: e.g. WHAT=infer for a run of the inference experiments);
 # for a check of this script on a CPU (tests/test_benchmark.py): DEVICE=cpu SIZE=tiny MODES=ours:fp32,...
 set -u
 cd "$(dirname "$0")/.."
@@ -12,9 +13,11 @@ BUDGET=${BUDGET:-400}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-}
 MODES=${MODES:-}
+WHAT=${WHAT:-}
 extra=(); record_extra=()
 [ -n "$SIZE" ] && extra+=(--size "$SIZE")
 [ -n "$MODES" ] && extra+=(--modes "$MODES")
+[ -n "$WHAT" ] && extra+=(--what "$WHAT")
 [ "$DEVICE" = cpu ] && record_extra+=(--allow-cpu)
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then

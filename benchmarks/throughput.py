@@ -216,6 +216,27 @@ def count_forward_flops(model: nn.Module, image: int) -> float:
     return float(counter.get_total_flops())
 
 
+def group_norm_shapes(model: nn.Module, image: int) -> List[Dict[str, Any]]:
+    """Every ``nn.GroupNorm`` of ``model`` as ``(channels, groups, H, W)`` in one forward pass of one image; identical
+    layers are listed once with their ``count``."""
+    m = copy.deepcopy(model).float().eval()
+    found: Dict[tuple, int] = {}
+
+    def hook(mod, inp, out):
+        x = inp[0]
+        key = (mod.num_channels, mod.num_groups, tuple(x.shape[2:]))
+        found[key] = found.get(key, 0) + 1
+
+    handles = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, nn.GroupNorm)]
+    try:
+        with torch.no_grad():
+            m(torch.randn(1, 3, image, image), torch.tensor([10]))
+    finally:
+        for h in handles:
+            h.remove()
+    return [dict(channels=c, groups=g, hw=list(hw), count=n) for (c, g, hw), n in found.items()]
+
+
 def conv_shapes(model: nn.Module, image: int) -> List[Dict[str, Any]]:
     """Every ``nn.Conv2d`` of ``model`` with the size of its input and output in one forward pass of one image;
     identical layers are listed once with their ``count``."""
@@ -723,6 +744,66 @@ class Run:
             f"({infer_s * 1e3:.2f} ms/batch)")
         self.release(reset_dynamo=False)
 
+    def gn_kernels(self, shapes: List[Dict[str, Any]]) -> None:
+        """The Triton GroupNorm+SiLU kernel (``ddpm_lib.kernels``) alone against PyTorch's and inductor's, for each
+        GroupNorm shape of the network at the inference batch: bf16, ``channels_last``, with the per-(sample,
+        channel) addend and SiLU (the residual block's second GroupNorm), each timing replayed from a CUDA graph.
+        ``GB/s`` counts one read and one write of the activation, the least any GroupNorm can move."""
+        from ddpm_lib import kernels
+
+        ok, why = kernels.available(self.device)
+        if not (ok and self.cuda):
+            self.results["gn_kernels"] = dict(error=f"not run: {why or 'needs CUDA'}")
+            return
+        B = self.size["infer_batch"]
+        rows, tot = [], dict(triton=0.0, inductor=0.0, eager=0.0)
+        for s in shapes:
+            C, G, (H, W) = s["channels"], s["groups"], s["hw"]
+            if not kernels.supported(torch.empty(1, C, H, W, device=self.device, dtype=torch.bfloat16), G):
+                rows.append(dict(s, error="the kernel does not apply"))
+                continue
+            x = torch.randn(B, C, H, W, device=self.device, dtype=torch.bfloat16).contiguous(
+                memory_format=torch.channels_last)
+            w, b = torch.randn(C, device=self.device), torch.randn(C, device=self.device)
+            add = torch.randn(B, C, device=self.device)
+
+            def ref(x, add):
+                return torch.nn.functional.silu(torch.nn.functional.group_norm(x + add[:, :, None, None].to(x.dtype),
+                                                                               G, w, b, 1e-6))
+
+            fns = {"triton": lambda i: kernels.group_norm_act(x, G, w, b, 1e-6, add, act=True),
+                   "eager": lambda i: ref(x, add)}
+            r = dict(s)
+            try:
+                comp = torch.compile(ref, dynamic=False)
+                with torch.no_grad():
+                    comp(x, add)
+                fns["inductor"] = lambda i: comp(x, add)
+            except Exception as exc:  # noqa: BLE001
+                r["inductor_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            with torch.no_grad():
+                for name, fn in fns.items():
+                    f, _ = self._graphed(fn)
+                    m = self.timer.measure(f, warmup=3, reps=3, min_rep_s=0.02, time_left=self.time_left)
+                    t = m["s_per_call"]
+                    r[f"{name}_ms"] = round(t * 1e3, 4)
+                    r[f"{name}_gb_per_s"] = round(2 * x.numel() * x.element_size() / t / 1e9, 1)
+                    tot[name] += s["count"] * t
+                    del f
+            with torch.no_grad():
+                err = (kernels.group_norm_act(x, G, w, b, 1e-6, add, act=True).float() - ref(x.float(), add)).abs().max()
+            r["triton_max_abs_err_vs_fp32"] = float(err)
+            rows.append(r)
+            del x, add, fns
+            torch._dynamo.reset()
+        self.results["gn_kernels"] = dict(
+            batch=B, layers=rows, network_ms={k: round(v * 1e3, 3) for k, v in tot.items()},
+            note="bf16 channels_last, GroupNorm(x + add) + SiLU, each timing from a CUDA graph; network_ms: the "
+                 "sum over the network's GroupNorms with their counts (all timed with the addend and SiLU)")
+        log("GroupNorm+SiLU alone over the network's GroupNorms at batch {}: {}".format(
+            B, ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in tot.items())))
+        self.release(reset_dynamo=True)
+
     def _graphed(self, fn: Callable[[int], Any]):
         """``(replay, True)``: ``fn`` captured in a CUDA graph (after three warm-up calls on a side stream, where
         cuDNN's autotuning happens), or ``(fn, False)`` on a CPU or when the capture fails."""
@@ -1150,6 +1231,9 @@ class Run:
         # target), then ours' eager modes
         for net in ("diffusers", "ours"):
             if net == "ours":
+                if self.cuda and "infer" in what and {"ours:fast_tgn", "ours:fast_sptgn", "ours:bf16_cl_compile_tgn",
+                                                      "ours:bf16_cl_compile_sptgn"} & want:
+                    add("ours", "gn_kernels", "kernel", est=40.0)
                 for kind in ("infer", "train"):
                     for exp, kinds in EXPERIMENTS.items():
                         if kind in what and kind in kinds and {f"ours:fast_{exp}", f"ours:bf16_cl_compile_{exp}"} & want:
@@ -1280,6 +1364,17 @@ def _main(args) -> Dict[str, Any]:
         for i, job in enumerate(run.plan(diff is not None)):
             key = f"{job['net']}:{job['mode']}"
             est = run.estimate(job)
+            if job["kind"] == "kernel":
+                if run.time_left() < est:
+                    run.results["gn_kernels"] = dict(error=f"skipped: {run.time_left():.0f} s left")
+                    continue
+                log(f"GroupNorm kernels alone ... (estimate {est:.0f} s, {run.time_left():.0f} s left)")
+                try:
+                    run.gn_kernels(group_norm_shapes(masters["ours"], run.size["image"]))
+                except Exception as exc:  # noqa: BLE001 - a diagnosis, not a measurement of either network
+                    run.results["gn_kernels"] = dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                    log(f"GroupNorm kernels FAILED: {run.results['gn_kernels']['error']}")
+                continue
             if run.time_left() < est and i > 0:
                 msg = f"skipped: {run.time_left():.0f} s left, estimate {est:.0f} s"
                 run.row(key)[f"{job['kind']}_error"] = msg
