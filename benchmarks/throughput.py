@@ -269,14 +269,16 @@ def profile_line(key: str, pr: Dict[str, Any]) -> str:
             f"({pr['kernels_per_call']:.0f} {pr['what']}): {parts}")
 
 
-PROFILE_CATEGORIES = ["convolution", "matmul", "attention", "GroupNorm (fused, Triton)", "other fused (Triton)",
-                      "GroupNorm (eager)", "optimizer, clip, EMA", "copy, layout, indexing", "random numbers",
+PROFILE_CATEGORIES = ["convolution", "matmul", "attention", "GroupNorm (fused, Triton)", "GroupNorm (ddpm_lib.kernels)",
+                      "other fused (Triton)", "GroupNorm (eager)", "optimizer, clip, EMA", "copy, layout, indexing", "random numbers",
                       "other elementwise, reductions"]
 
 
 def kernel_category(name: str) -> str:
     """The kind of work a GPU kernel (or, on the CPU, an ``aten::`` operator) does, from its name."""
     n = name.lower()
+    if "group_norm_act_kernel" in n:
+        return "GroupNorm (ddpm_lib.kernels)"  # the experiment's hand-written Triton kernel
     if n.startswith("triton"):
         if n.startswith("triton_tem") or "_tem_" in n:
             return "matmul"  # inductor's matmul/convolution templates
@@ -660,7 +662,7 @@ class Run:
             cats[kernel_category(name)] += us / 1e3 / steps
         busy = sum(total.values()) / 1e3 / steps
         measured = m["s_per_call"] * 1e3
-        top = sorted(total, key=total.get, reverse=True)[:12]
+        top = sorted(total, key=total.get, reverse=True)[:25]
         res = dict(
             kind=kind, steps=steps, what="CUDA kernels" if self.cuda else "aten operators (self CPU time)",
             measured_ms_per_call=round(measured, 3), busy_ms_per_call=round(busy, 3),

@@ -384,7 +384,8 @@ class UNet(nn.Module):
                 h = block(h)
             else:
                 h = block(torch.cat([h, hs.pop()], dim=1), emb_act)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        norm_act = getattr(self.norm_out, "forward_act", None)  # GroupNorm and SiLU in one kernel (accel)
+        return self.conv_out(norm_act(h) if norm_act is not None else F.silu(self.norm_out(h)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
                 guidance_scale: Optional[float | torch.Tensor] = None) -> torch.Tensor:

@@ -227,6 +227,7 @@ def test_kernel_categories():
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
         "nvjet_tst_128x64_64x6_1x1_h_bz_TNT": "matmul",
         "triton_red_fused_native_group_norm_silu_3": "GroupNorm (fused, Triton)",
+        "_group_norm_act_kernel": "GroupNorm (ddpm_lib.kernels)",
         "triton_poi_fused_add_convolution_5": "other fused (Triton)",
         "triton_tem_fused_mm_7": "matmul",
         "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<256, 64, 64, 4>>": "attention",
