@@ -4,7 +4,8 @@
 #   then the CUDA-only tests (pytest -m gpu, log in $OUT/gpu_tests.log), and print the Markdown section that
 #   benchmarks/record.py would write from the result.
 # Environment: OUT (where the JSON and the log go; default /tmp/ddpm-bench), BUDGET (seconds, default 400),
-#   MODES and WHAT (throughput.py's --modes and --what: e.g. WHAT=infer for a run of the inference experiments);
+#   MODES and WHAT (throughput.py's --modes and --what: e.g. WHAT=infer for a run of the inference experiments),
+#   TESTS (the test files for pytest -m gpu, or none) and TEST_TIMEOUT (seconds, default 180);
 # for a check of this script on a CPU (tests/test_benchmark.py): DEVICE=cpu SIZE=tiny MODES=ours:fp32,...
 set -u
 cd "$(dirname "$0")/.."
@@ -14,6 +15,8 @@ DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-}
 MODES=${MODES:-}
 WHAT=${WHAT:-}
+TESTS=${TESTS:-tests/test_accel.py tests/test_trainer.py tests/test_cli.py tests/test_kernels.py}
+TEST_TIMEOUT=${TEST_TIMEOUT:-180}
 extra=(); record_extra=()
 [ -n "$SIZE" ] && extra+=(--size "$SIZE")
 [ -n "$MODES" ] && extra+=(--modes "$MODES")
@@ -38,9 +41,14 @@ PYTHONUNBUFFERED=1 python3 benchmarks/throughput.py --device "$DEVICE" --budget-
 rc=$?
 if [ "$DEVICE" = cuda ]; then
   # the CUDA-only correctness tests (graphed training step = eager step; the trainer in bf16 + channels_last)
-  echo; echo "=== pytest -m gpu ==="
-  timeout 180 python3 -m pytest -m gpu tests/test_accel.py tests/test_trainer.py tests/test_cli.py tests/test_kernels.py -q -p no:cacheprovider 2>&1 \
-    | tee "$OUT/gpu_tests.log" | tail -15
+  if [ "$TESTS" = none ]; then
+    echo; echo "=== pytest -m gpu: not run (TESTS=none) ==="
+  else
+    echo; echo "=== pytest -m gpu ($TESTS) ==="
+    # shellcheck disable=SC2086
+    timeout "$TEST_TIMEOUT" python3 -m pytest -m gpu $TESTS -q -p no:cacheprovider 2>&1 \
+      | tee "$OUT/gpu_tests.log" | tail -15
+  fi
 fi
 json=$(ls -t "$OUT"/*.json 2>/dev/null | head -1)
 if [ -n "$json" ]; then
