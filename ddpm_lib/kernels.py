@@ -45,8 +45,8 @@ else:
 #: The most elements of one program's tile (H*W rounded up to a power of two, times the channels it holds).
 MAX_TILE = 16384
 # Programs hold about this many elements (several groups where they are small), so that a thread holds about
-# 32 values and two programs fit on a multiprocessor (ptxas for sm_90, the network's shapes: at most
-# 103 registers, no spills)
+# 32 values (ptxas for sm_90, the paper's CIFAR-10 shapes in channels_last: 56-64 registers, no spills, so
+# four programs of 8 warps fit on a multiprocessor)
 _TARGET_TILE = 8192
 #: Triton's interpreter (numpy on the host) is on: the kernel also runs on CPU tensors.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -107,11 +107,15 @@ def group_norm_act_reference(x: torch.Tensor, num_groups: int, weight: Optional[
 
 if triton is not None:
     @triton.jit
-    def _group_norm_act_kernel(X, Y, Wt, Bs, ADD, inv_count, eps, sxn, sxhw, sxc, syn, syhw, syc, san, sac,
+    def _group_norm_act_kernel(X, Y, Wt, Bs, ADD, inv_count, eps, san, sac,
+                               sxn: tl.constexpr, sxhw: tl.constexpr, sxc: tl.constexpr, syn: tl.constexpr,
+                               syhw: tl.constexpr, syc: tl.constexpr,
                                HW: tl.constexpr, G: tl.constexpr, CPG: tl.constexpr, BLOCK_HW: tl.constexpr,
                                BLOCK_G: tl.constexpr, BLOCK_CPG: tl.constexpr, HAS_W: tl.constexpr,
                                HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, ACT: tl.constexpr):
-        # one program: sample n, groups g0 .. g0 + BLOCK_G - 1, all HW positions; tile (BLOCK_HW, BLOCK_G, BLOCK_CPG)
+        # one program: sample n, groups g0 .. g0 + BLOCK_G - 1, all HW positions; tile (BLOCK_HW, BLOCK_G, BLOCK_CPG).
+        # The activation's strides are compile-time constants (one compilation per shape and memory format), so
+        # that the compiler sees a channels_last group's channels lie together and loads them as vectors.
         # programs next to each other in the launch order take neighbouring groups of one sample, so that the
         # memory sectors they share (channels_last: a position's channels lie together) meet in L2
         n = tl.program_id(1).to(tl.int64)
@@ -157,8 +161,8 @@ def _launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     _group_norm_act_kernel[grid](
         x, y, weight if weight is not None else dummy, bias if bias is not None else dummy,
         add if add is not None else dummy, 1.0 / (cpg * hw), float(eps),
-        x.stride(0), x.stride(3), x.stride(1), y.stride(0), y.stride(3), y.stride(1),
         add.stride(0) if add is not None else 0, add.stride(1) if add is not None else 0,
+        sxn=x.stride(0), sxhw=x.stride(3), sxc=x.stride(1), syn=y.stride(0), syhw=y.stride(3), syc=y.stride(1),
         HW=hw, G=num_groups, CPG=cpg, BLOCK_HW=bhw, BLOCK_G=bg, BLOCK_CPG=bcpg, HAS_W=weight is not None,
         HAS_B=bias is not None, HAS_ADD=add is not None, ACT=bool(act), num_warps=warps)
     return y
