@@ -270,6 +270,26 @@ def render(data: Dict[str, Any], json_name: str) -> str:
         out.append(f"| {what.split(' (')[0]} per call | " + " | ".join(f"{v['kernels_per_call']:,.0f}"
                                                                      for v in profiles.values()) + " |")
         out.append("")
+    gk = d.get("gn_kernels") or {}
+    if gk.get("layers"):
+        out.append("")
+        out.append(f"GroupNorm + SiLU alone (the experiment's Triton kernel against PyTorch's and inductor's, each "
+                   f"from a CUDA graph, batch {gk['batch']}, bf16 channels_last, with the per-channel addend; GB/s "
+                   f"counts one read and one write):")
+        out.append("")
+        out.append("| channels, groups, H×W | count | Triton ms (GB/s) | inductor ms (GB/s) | eager ms (GB/s) |")
+        out.append("|---|---:|---:|---:|---:|")
+        for r in gk["layers"]:
+            def cell(name, r=r):
+                return f"{r[name + '_ms']:.3f} ({r[name + '_gb_per_s']:,.0f})" if r.get(name + "_ms") else "-"
+            out.append(f"| {r['channels']}, {r['groups']}, {r['hw'][0]}×{r['hw'][1]} | {r['count']} | {cell('triton')} | "
+                       f"{cell('inductor')} | {cell('eager')} |")
+        nm = gk.get("network_ms") or {}
+        out.append(f"| **the network's GroupNorms** | | **{nm.get('triton', 0):.2f}** | **{nm.get('inductor', 0):.2f}** | "
+                   f"**{nm.get('eager', 0):.2f}** |")
+        out.append("")
+    elif gk.get("error"):
+        notes.append(f"GroupNorm kernels alone: {gk['error'][:200]}")
     for k, v in (d.get("profiles") or {}).items():
         if "error" in v:
             notes.append(f"profile `{k}` failed: {v['error'][:200]}")

@@ -269,3 +269,21 @@ def test_record_the_committed_gpu_results(tmp_path, capsys):
     other["card"] = "nvidia-h100-80gb-hbm3"
     (tmp_path / "h100.json").write_text(json.dumps(other))
     assert record.main([str(main), "--trainer-run", str(tmp_path / "h100.json"), "--print"]) == 2
+
+
+def test_record_renders_the_group_norm_kernel_table():
+    """A run's `gn_kernels` (the Triton GroupNorm kernel alone against inductor's and eager) becomes a table with
+    the network's totals; a run where it failed says why."""
+    record = _load_record()
+    data = json.loads((SCRIPT.parent / "results" / "nvidia-h200.json").read_text())
+    data["gn_kernels"] = dict(batch=1024, network_ms=dict(triton=4.0, inductor=12.5, eager=20.0), layers=[
+        dict(channels=128, groups=32, hw=[32, 32], count=11, triton_ms=0.2, triton_gb_per_s=2684.0,
+             inductor_ms=0.5, inductor_gb_per_s=1074.0, eager_ms=0.9, eager_gb_per_s=596.0),
+        dict(channels=384, groups=32, hw=[16, 16], count=1, triton_ms=0.1, triton_gb_per_s=2013.0,
+             eager_ms=0.3, eager_gb_per_s=671.0, inductor_error="RuntimeError: x")])
+    section = record.render(data, "nvidia-h200.json")
+    assert "| 128, 32, 32×32 | 11 | 0.200 (2,684) | 0.500 (1,074) | 0.900 (596) |" in section
+    assert "| 384, 32, 16×16 | 1 | 0.100 (2,013) | - | 0.300 (671) |" in section
+    assert "| **the network's GroupNorms** | | **4.00** | **12.50** | **20.00** |" in section
+    data["gn_kernels"] = dict(error="skipped: 12 s left")
+    assert "GroupNorm kernels alone: skipped: 12 s left" in record.render(data, "nvidia-h200.json")
