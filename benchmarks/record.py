@@ -156,7 +156,8 @@ def render(data: Dict[str, Any], json_name: str) -> str:
                    "runs each GroupNorm (+ SiLU, + the residual block's bias and time-embedding term) as one Triton "
                    "kernel when no gradient is needed (`ddpm_lib.kernels`, `set_group_norm(model, \"triton\")`), "
                    "`_sp` computes each upsampling convolution at the low resolution (`accel.set_upsample`), "
-                   "`_sptgn` both, `_gnm` every GroupNorm from per-channel moments.")
+                   "`_pad` pads the first and last convolutions' 3 channels to 8 (`accel.set_channel_padding`), "
+                   "`_all` the three, `_gnm` every GroupNorm from per-channel moments.")
         out.append("")
     if st.get("diffusers_baseline_step"):
         out.append(f"diffusers' training rows without a star time its network in a plain PyTorch step "

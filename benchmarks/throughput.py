@@ -88,8 +88,10 @@ SIZES = {
 }
 # ddpm_lib's experiments (not among its defaults, so never its best), by suffix: the Triton GroupNorm(+SiLU)
 # kernel of ddpm_lib.kernels for inference (_tgn), the upsampling convolutions at the low resolution (_sp),
-# both (_sptgn), GroupNorm from per-channel moments (_gnm); each as a compiled mode and its CUDA graph (fast_)
-EXPERIMENTS = {"sptgn": ("infer",), "tgn": ("infer",), "sp": ("infer", "train"), "gnm": ("infer", "train")}
+# the first and last convolutions' 3 channels padded to 8 (_pad), all three (_all), GroupNorm from
+# per-channel moments (_gnm); each as a compiled mode and its CUDA graph (fast_), in this order of priority
+EXPERIMENTS = {"all": ("infer",), "tgn": ("infer",), "sp": ("infer", "train"), "pad": ("infer", "train"),
+               "gnm": ("infer", "train")}
 EXPERIMENT_MODES = tuple(f"{p}_{e}" for e in EXPERIMENTS for p in ("bf16_cl_compile", "fast"))
 ALL_MODES = ["ours:fast", "ours:bf16_cl_compile", "diffusers:bf16_cl_compile", "diffusers:bf16_cl_compile_graph",
              *(f"ours:{m}" for m in EXPERIMENT_MODES),
@@ -489,7 +491,8 @@ class Run:
                     lines.append(f"{'':<10} {what}: {r[what][:150]}")
         lines.append("* information only: not among the modes the diffusers baseline is taken over (diffusers), an "
                      "experiment not counted as ddpm_lib's best (ddpm_lib, *_tgn: Triton GroupNorm+SiLU kernel, *_sp: "
-                     "sub-pixel upsampling, *_gnm: GroupNorm from moments); "
+                     "sub-pixel upsampling, *_pad: 3 channels padded to 8, *_all: the three, *_gnm: GroupNorm "
+                     "from moments); "
                      "x diff = ratio to diffusers' best of fp32, bf16_cl, bf16_cl_compile (training: in the plain "
                      "PyTorch step; +ddpm_step: diffusers' network in ddpm_lib's step)")
         if fl:
@@ -843,9 +846,10 @@ class Run:
     def settings_for(self, mode: str) -> Dict[str, Any]:
         comp = mode.startswith("bf16_cl_compile") or mode.startswith("fast")
         exp = mode.rsplit("_", 1)[-1] if mode in EXPERIMENT_MODES else ""
-        gn = {"gnm": "moments", "tgn": "triton", "sptgn": "triton"}.get(exp)
+        gn = {"gnm": "moments", "tgn": "triton", "all": "triton"}.get(exp)
         return dict(bf16=mode != "fp32", channels_last=mode != "fp32", compile=comp, group_norm=gn,
-                    upsample="subpixel" if exp in ("sp", "sptgn") else None)
+                    upsample="subpixel" if exp in ("sp", "all") else None,
+                    pad_channels=8 if exp in ("pad", "all") else None)
 
     def release(self, reset_dynamo: bool) -> None:
         gc.collect()
@@ -864,7 +868,8 @@ class Run:
         model.train(train)
         return accel.prepare_model(model, self.device, bf16=st["bf16"], channels_last=st["channels_last"],
                                    compile=st["compile"], compile_backend=self.compile_backend(),
-                                   group_norm=st["group_norm"], upsample=st["upsample"])
+                                   group_norm=st["group_norm"], upsample=st["upsample"],
+                                   pad_channels=st["pad_channels"])
 
     def train_group(self, net: str, master: nn.Module, mode: str, graph_key: Optional[str]) -> None:
         """Time the training step of ``net`` in ``mode``; with ``graph_key``, also the same step in a CUDA graph."""
@@ -1233,8 +1238,8 @@ class Run:
         # target), then ours' eager modes
         for net in ("diffusers", "ours"):
             if net == "ours":
-                if self.cuda and "infer" in what and {"ours:fast_tgn", "ours:fast_sptgn", "ours:bf16_cl_compile_tgn",
-                                                      "ours:bf16_cl_compile_sptgn"} & want:
+                if self.cuda and "infer" in what and {"ours:fast_tgn", "ours:fast_all", "ours:bf16_cl_compile_tgn",
+                                                      "ours:bf16_cl_compile_all"} & want:
                     add("ours", "gn_kernels", "kernel", est=40.0)
                 for kind in ("infer", "train"):
                     for exp, kinds in EXPERIMENTS.items():

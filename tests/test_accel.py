@@ -435,3 +435,30 @@ def test_set_upsample_keeps_the_network():
         assert _rel(fast(x, t), m.eval()(x, t)) < BF16_TOL
     with pytest.raises(ValueError, match="upsample must be one of"):
         accel.set_upsample(m, "bilinear")
+
+
+def test_channel_padding_is_the_same_convolution():
+    """set_channel_padding pads the first and last convolution's 3 channels to 8 with zeros for the computation:
+    same state dict, same values and gradients; undone by None; prepare_model takes it."""
+    m = _tiny().train()
+    x, t = _inputs()
+    ref = m(x, t)
+    grads_ref = torch.autograd.grad(ref.square().mean(), list(m.parameters()))
+    padded = copy.deepcopy(m)
+    assert accel.set_channel_padding(padded, 8) == 2  # conv_in (3 -> 16) and conv_out (16 -> 3)
+    assert type(padded.conv_in) is type(padded.conv_out) is accel.ChannelPaddedConv2d
+    assert padded.state_dict().keys() == m.state_dict().keys()
+    out = padded(x, t)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(out.square().mean(), list(padded.parameters())), grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(padded.conv_in(xc), m.conv_in(x), rtol=1e-5, atol=1e-6)
+    assert accel.set_channel_padding(padded, None) == 0
+    assert not any(type(mod) is accel.ChannelPaddedConv2d for mod in padded.modules())
+    fast = accel.prepare_model(copy.deepcopy(m).eval(), "cpu", bf16=True, channels_last=True, compile=False,
+                               pad_channels=8)
+    with torch.no_grad():
+        assert _rel(fast(x, t), m.eval()(x, t)) < BF16_TOL
