@@ -5,7 +5,7 @@
 #   benchmarks/record.py would write from the result.
 # Environment: OUT (where the JSON and the log go; default /tmp/ddpm-bench), BUDGET (seconds, default 400),
 #   MODES and WHAT (throughput.py's --modes and --what: e.g. WHAT=infer for a run of the inference experiments),
-#   TESTS (the test files for pytest -m gpu, or none) and TEST_TIMEOUT (seconds, default 180);
+#   TESTS (the test files for pytest -m gpu, or none) and TEST_TIMEOUT (seconds, default 130);
 # for a check of this script on a CPU (tests/test_benchmark.py): DEVICE=cpu SIZE=tiny MODES=ours:fp32,...
 set -u
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ SIZE=${SIZE:-}
 MODES=${MODES:-}
 WHAT=${WHAT:-}
 TESTS=${TESTS:-tests/test_accel.py tests/test_trainer.py tests/test_cli.py tests/test_kernels.py}
-TEST_TIMEOUT=${TEST_TIMEOUT:-180}
+TEST_TIMEOUT=${TEST_TIMEOUT:-130}
 extra=(); record_extra=()
 [ -n "$SIZE" ] && extra+=(--size "$SIZE")
 [ -n "$MODES" ] && extra+=(--modes "$MODES")

@@ -282,12 +282,20 @@ def render(data: Dict[str, Any], json_name: str) -> str:
         out.append("|---|---:|---:|---:|---:|")
         for r in gk["layers"]:
             def cell(name, r=r):
-                return f"{r[name + '_ms']:.3f} ({r[name + '_gb_per_s']:,.0f})" if r.get(name + "_ms") else "-"
+                if not r.get(name + "_ms"):
+                    return "-"
+                eager = "" if r.get(name + "_graphed", True) else ", not graphed"
+                return f"{r[name + '_ms']:.3f} ({r[name + '_gb_per_s']:,.0f}{eager})"
             out.append(f"| {r['channels']}, {r['groups']}, {r['hw'][0]}×{r['hw'][1]} | {r['count']} | {cell('triton')} | "
                        f"{cell('inductor')} | {cell('eager')} |")
         nm = gk.get("network_ms") or {}
-        out.append(f"| **the network's GroupNorms** | | **{nm.get('triton', 0):.2f}** | **{nm.get('inductor', 0):.2f}** | "
-                   f"**{nm.get('eager', 0):.2f}** |")
+        label = "the network's GroupNorms"
+        if gk.get("shapes_in_sums") is not None and gk.get("shapes_in_sums") != gk.get("shapes"):
+            label += f" ({gk['shapes_in_sums']} of {gk['shapes']} shapes)"
+
+        def total(name):
+            return f"**{nm[name]:.2f}**" if nm.get(name) is not None else "-"
+        out.append(f"| **{label}** | | {total('triton')} | {total('inductor')} | {total('eager')} |")
         out.append("")
     elif gk.get("error"):
         notes.append(f"GroupNorm kernels alone: {gk['error'][:200]}")

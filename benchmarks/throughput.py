@@ -749,64 +749,75 @@ class Run:
             f"({infer_s * 1e3:.2f} ms/batch)")
         self.release(reset_dynamo=False)
 
-    def gn_kernels(self, shapes: List[Dict[str, Any]]) -> None:
-        """The Triton GroupNorm+SiLU kernel (``ddpm_lib.kernels``) alone against PyTorch's and inductor's, for each
-        GroupNorm shape of the network at the inference batch: bf16, ``channels_last``, with the per-(sample,
-        channel) addend and SiLU (the residual block's second GroupNorm), each timing replayed from a CUDA graph.
-        ``GB/s`` counts one read and one write of the activation, the least any GroupNorm can move."""
+    def gn_kernels(self, shapes: List[Dict[str, Any]], with_inductor: bool = True) -> None:
+        """The Triton GroupNorm+SiLU kernel (``ddpm_lib.kernels``) alone against PyTorch's and (``with_inductor``)
+        inductor's, for each GroupNorm shape of the network at the inference batch: bf16, ``channels_last``, with
+        the per-(sample, channel) addend and SiLU (the residual block's second GroupNorm), each timing replayed
+        from a CUDA graph where one can be captured (``<name>_graphed``). ``GB/s`` counts one read and one write
+        of the activation, the least any GroupNorm can move. ``network_ms`` sums, with their counts, the shapes
+        that every implementation ran (``shapes_in_sums``). Runs on CUDA, or on a CPU under Triton's
+        interpreter (for the tests)."""
         from ddpm_lib import kernels
 
         ok, why = kernels.available(self.device)
-        if not (ok and self.cuda):
-            self.results["gn_kernels"] = dict(error=f"not run: {why or 'needs CUDA'}")
+        if not ok:
+            self.results["gn_kernels"] = dict(error=f"not run: {why}")
             return
         B = self.size["infer_batch"]
-        rows, tot = [], dict(triton=0.0, inductor=0.0, eager=0.0)
+        names = ["triton", "eager"] + (["inductor"] if with_inductor else [])
+        rows: List[Dict[str, Any]] = []
         for s in shapes:
             C, G, (H, W) = s["channels"], s["groups"], s["hw"]
+            r = dict(s)
+            rows.append(r)
+            if self.time_left() < 20:
+                r["error"] = f"skipped: {self.time_left():.0f} s left"
+                continue
             if not kernels.supported(torch.empty(1, C, H, W, device=self.device, dtype=torch.bfloat16), G):
-                rows.append(dict(s, error="the kernel does not apply"))
+                r["error"] = "the kernel does not apply"
                 continue
             x = torch.randn(B, C, H, W, device=self.device, dtype=torch.bfloat16).contiguous(
                 memory_format=torch.channels_last)
             w, b = torch.randn(C, device=self.device), torch.randn(C, device=self.device)
             add = torch.randn(B, C, device=self.device)
 
-            def ref(x, add):
-                return torch.nn.functional.silu(torch.nn.functional.group_norm(x + add[:, :, None, None].to(x.dtype),
-                                                                               G, w, b, 1e-6))
+            def ref(x, add, G=G, w=w, b=b):
+                return torch.nn.functional.silu(torch.nn.functional.group_norm(
+                    x + add[:, :, None, None].to(x.dtype), G, w, b, 1e-6))
 
             fns = {"triton": lambda i: kernels.group_norm_act(x, G, w, b, 1e-6, add, act=True),
                    "eager": lambda i: ref(x, add)}
-            r = dict(s)
-            try:
-                comp = torch.compile(ref, dynamic=False)
-                with torch.no_grad():
-                    comp(x, add)
-                fns["inductor"] = lambda i: comp(x, add)
-            except Exception as exc:  # noqa: BLE001
-                r["inductor_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if with_inductor:
+                try:
+                    comp = torch.compile(ref, dynamic=False)
+                    with torch.no_grad():
+                        comp(x, add)
+                    fns["inductor"] = lambda i: comp(x, add)
+                except Exception as exc:  # noqa: BLE001
+                    r["inductor_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             with torch.no_grad():
                 for name, fn in fns.items():
-                    f, _ = self._graphed(fn)
-                    m = self.timer.measure(f, warmup=3, reps=3, min_rep_s=0.02, time_left=self.time_left)
+                    f, graphed = self._graphed(fn)
+                    m = self.timer.measure(f, warmup=3, reps=3, min_rep_s=0.02 if self.cuda else 0.0,
+                                           time_left=self.time_left)
                     t = m["s_per_call"]
                     r[f"{name}_ms"] = round(t * 1e3, 4)
                     r[f"{name}_gb_per_s"] = round(2 * x.numel() * x.element_size() / t / 1e9, 1)
-                    tot[name] += s["count"] * t
+                    r[f"{name}_graphed"] = graphed
                     del f
-            with torch.no_grad():
-                err = (kernels.group_norm_act(x, G, w, b, 1e-6, add, act=True).float() - ref(x.float(), add)).abs().max()
+                err = (kernels.group_norm_act(x, G, w, b, 1e-6, add, act=True).float()
+                       - ref(x.float(), add)).abs().max()
             r["triton_max_abs_err_vs_fp32"] = float(err)
-            rows.append(r)
             del x, add, fns
             torch._dynamo.reset()
+        full = [r for r in rows if all(f"{n}_ms" in r for n in names)]
+        tot = {n: round(sum(r["count"] * r[f"{n}_ms"] for r in full), 3) for n in names}
         self.results["gn_kernels"] = dict(
-            batch=B, layers=rows, network_ms={k: round(v * 1e3, 3) for k, v in tot.items()},
-            note="bf16 channels_last, GroupNorm(x + add) + SiLU, each timing from a CUDA graph; network_ms: the "
-                 "sum over the network's GroupNorms with their counts (all timed with the addend and SiLU)")
-        log("GroupNorm+SiLU alone over the network's GroupNorms at batch {}: {}".format(
-            B, ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in tot.items())))
+            batch=B, layers=rows, network_ms=tot, shapes_in_sums=len(full), shapes=len(rows),
+            note="bf16 channels_last, GroupNorm(x + add) + SiLU; network_ms: the sum over the network's GroupNorms "
+                 "with their counts (all timed with the addend and SiLU), over the shapes every implementation ran")
+        log(f"GroupNorm+SiLU alone over the network's GroupNorms at batch {B} ({len(full)} of {len(rows)} shapes): "
+            + ", ".join(f"{k} {v:.2f} ms" for k, v in tot.items()))
         self.release(reset_dynamo=True)
 
     def _graphed(self, fn: Callable[[int], Any]):
@@ -1084,6 +1095,8 @@ class Run:
         x, t = self.infer_inputs[0]
         x, t = x[: min(256, x.shape[0])], t[: min(256, x.shape[0])]
         res: Dict[str, Any] = {}
+        # the fast forward first: switching TF32 would make dynamo recompile a compiled forward
+        out_fast = fast_fwd(*self.infer_inputs[0])[: x.shape[0]].float()
         old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -1093,8 +1106,6 @@ class Run:
                 m = copy.deepcopy(master).to(self.device).float().eval()
                 refs[name] = m(x, t).float()
                 del m
-            full = self.infer_inputs[0]
-            out_fast = fast_fwd(*full)[: x.shape[0]].float()
 
             def rel(a, b):
                 return float((a - b).norm() / b.norm())
@@ -1121,13 +1132,13 @@ class Run:
         its row (``infer_rel_err_vs_fp32``, bf16 tolerance 2e-2)."""
         x, t = self.infer_inputs[0]
         n = min(256, x.shape[0])
+        out = fwd(x, t)[:n].float()  # first: switching TF32 would make dynamo recompile a compiled forward
         old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         try:
             m = copy.deepcopy(master).to(self.device).float().eval()
             ref = m(x[:n], t[:n]).float()
             del m
-            out = fwd(x, t)[:n].float()
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
         err = float((out - ref).norm() / ref.norm())
@@ -1238,15 +1249,16 @@ class Run:
         # target), then ours' eager modes
         for net in ("diffusers", "ours"):
             if net == "ours":
-                if self.cuda and "infer" in what and {"ours:fast_tgn", "ours:fast_all", "ours:bf16_cl_compile_tgn",
-                                                      "ours:bf16_cl_compile_all"} & want:
-                    add("ours", "gn_kernels", "kernel", est=40.0)
                 for kind in ("infer", "train"):
                     for exp, kinds in EXPERIMENTS.items():
                         if kind in what and kind in kinds and {f"ours:fast_{exp}", f"ours:bf16_cl_compile_{exp}"} & want:
                             add("ours", f"bf16_cl_compile_{exp}", kind,
                                 f"ours:fast_{exp}" if f"ours:fast_{exp}" in want else None,
                                 est=90.0 if kind == "train" else 45.0, check=kind == "infer")
+                    # after the inference experiments: the GroupNorm kernel alone (a diagnosis)
+                    if kind == "infer" and self.cuda and "infer" in what and {
+                            "ours:fast_tgn", "ours:fast_all", "ours:bf16_cl_compile_tgn", "ours:bf16_cl_compile_all"} & want:
+                        add("ours", "gn_kernels", "kernel", est=60.0)
             for mode in ("bf16_cl", "fp32"):
                 for kind in ("train", "infer"):
                     if kind in what and f"{net}:{mode}" in want:

@@ -80,16 +80,21 @@ def tile_for(hw: int, channels: int, num_groups: int) -> Optional[Tuple[int, int
     return bhw, bg, bcpg, min(16, max(4, elements // 1024))  # about 32 values per thread
 
 
-def supported(x: torch.Tensor, num_groups: int, *tensors: Optional[torch.Tensor]) -> bool:
-    """Whether :func:`group_norm_act` runs the kernel for ``x`` (the other tensors: weight, bias, add)."""
+def supported(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+              bias: Optional[torch.Tensor] = None, add: Optional[torch.Tensor] = None) -> bool:
+    """Whether :func:`group_norm_act` runs the kernel for these arguments."""
     if triton is None or x.ndim != 4 or x.dtype not in _DTYPES or x.shape[1] % num_groups:
         return False
     if not (x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu")):
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + tensors):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, add)):
         return False
     N, C, H, W = x.shape
     if N == 0 or H * W == 0 or (H > 1 and x.stride(2) != W * x.stride(3)):
+        return False
+    if any(t is not None and tuple(t.shape) != (C,) for t in (weight, bias)):
+        return False
+    if add is not None and tuple(add.shape) not in ((N, C), (C,)):  # (1, C) and others: the reference broadcasts
         return False
     return tile_for(H * W, C, num_groups) is not None
 
@@ -118,8 +123,10 @@ if triton is not None:
         # that the compiler sees a channels_last group's channels lie together and loads them as vectors.
         # programs next to each other in the launch order take neighbouring groups of one sample, so that the
         # memory sectors they share (channels_last: a position's channels lie together) meet in L2
-        n = tl.program_id(1).to(tl.int64)
-        g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+        blocks: tl.constexpr = (G + BLOCK_G - 1) // BLOCK_G
+        pid = tl.program_id(0)
+        n = (pid // blocks).to(tl.int64)
+        g = (pid % blocks) * BLOCK_G + tl.arange(0, BLOCK_G)
         j = tl.arange(0, BLOCK_CPG)
         c = g[:, None] * CPG + j[None, :]  # (BLOCK_G, BLOCK_CPG) channel indices
         cmask = (g[:, None] < G) & (j[None, :] < CPG)
@@ -156,8 +163,11 @@ def _launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     y = torch.empty_like(x)
     if add is not None and add.ndim == 1:
         add = add.reshape(1, C).expand(N, C)
+    # the kernel reads weight and bias with stride 1
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     dummy = x  # never read: the matching HAS_* is False
-    grid = (triton.cdiv(num_groups, bg), N)
+    grid = (triton.cdiv(num_groups, bg) * N,)  # one axis: no limit of 65,535 on the batch
     _group_norm_act_kernel[grid](
         x, y, weight if weight is not None else dummy, bias if bias is not None else dummy,
         add if add is not None else dummy, 1.0 / (cpg * hw), float(eps),
@@ -190,8 +200,9 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
                    act: bool = False) -> torch.Tensor:
     """``SiLU(GroupNorm(x + add))`` (SiLU with ``act``): the Triton kernel where :func:`supported`, else
     :func:`group_norm_act_reference`. Shapes: ``x (N, C, H, W)``, ``weight, bias (C,)``,
-    ``add (N, C)`` or ``(C,)`` -> ``(N, C, H, W)`` in ``x``'s dtype and memory format (the reference
-    follows PyTorch's own rules: float32 from GroupNorm under CUDA autocast)."""
+    ``add (N, C)`` or ``(C,)`` -> ``(N, C, H, W)``. The kernel returns ``x``'s dtype and memory format; the
+    reference follows PyTorch's own rules (``x + add`` promotes bfloat16 to a float32 ``add``'s dtype, and
+    GroupNorm under CUDA autocast returns float32), so that its dtype can differ: the values do not."""
     if not supported(x, num_groups, weight, bias, add):
         return group_norm_act_reference(x, num_groups, weight, bias, eps, add, act)
     if _OP is not None:
