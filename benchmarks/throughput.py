@@ -218,46 +218,43 @@ def count_forward_flops(model: nn.Module, image: int) -> float:
     return float(counter.get_total_flops())
 
 
-def group_norm_shapes(model: nn.Module, image: int) -> List[Dict[str, Any]]:
-    """Every ``nn.GroupNorm`` of ``model`` as ``(channels, groups, H, W)`` in one forward pass of one image; identical
-    layers are listed once with their ``count``."""
+def _layer_shapes(model: nn.Module, image: int, cls: type, key: Callable[[nn.Module, Any, Any], tuple]) -> Dict[tuple, int]:
+    """``key(module, input, output)`` of every ``cls`` layer of ``model`` in one forward pass of one image, with how
+    many layers share it."""
     m = copy.deepcopy(model).float().eval()
     found: Dict[tuple, int] = {}
 
     def hook(mod, inp, out):
-        x = inp[0]
-        key = (mod.num_channels, mod.num_groups, tuple(x.shape[2:]))
-        found[key] = found.get(key, 0) + 1
+        k = key(mod, inp, out)
+        found[k] = found.get(k, 0) + 1
 
-    handles = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, nn.GroupNorm)]
+    handles = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, cls)]
     try:
         with torch.no_grad():
             m(torch.randn(1, 3, image, image), torch.tensor([10]))
     finally:
         for h in handles:
             h.remove()
+    return found
+
+
+def group_norm_shapes(model: nn.Module, image: int) -> List[Dict[str, Any]]:
+    """Every ``nn.GroupNorm`` of ``model`` as ``(channels, groups, H, W)`` in one forward pass of one image; identical
+    layers are listed once with their ``count``."""
+    found = _layer_shapes(model, image, nn.GroupNorm,
+                          lambda mod, inp, out: (mod.num_channels, mod.num_groups, tuple(inp[0].shape[2:])))
     return [dict(channels=c, groups=g, hw=list(hw), count=n) for (c, g, hw), n in found.items()]
 
 
 def conv_shapes(model: nn.Module, image: int) -> List[Dict[str, Any]]:
     """Every ``nn.Conv2d`` of ``model`` with the size of its input and output in one forward pass of one image;
     identical layers are listed once with their ``count``."""
-    m = copy.deepcopy(model).float().eval()
-    found: Dict[tuple, int] = {}
+    def key(mod, inp, out):
+        return (mod.in_channels, mod.out_channels, tuple(mod.kernel_size), tuple(mod.stride),
+                mod.padding if isinstance(mod.padding, str) else tuple(mod.padding), tuple(mod.dilation), mod.groups,
+                mod.bias is not None, tuple(inp[0].shape[-2:]), tuple(out.shape[-2:]))
 
-    def hook(mod, inp, out):
-        key = (mod.in_channels, mod.out_channels, tuple(mod.kernel_size), tuple(mod.stride),
-               mod.padding if isinstance(mod.padding, str) else tuple(mod.padding), tuple(mod.dilation), mod.groups,
-               mod.bias is not None, tuple(inp[0].shape[-2:]), tuple(out.shape[-2:]))
-        found[key] = found.get(key, 0) + 1
-
-    handles = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            m(torch.randn(1, 3, image, image), torch.tensor([10]))
-    finally:
-        for h in handles:
-            h.remove()
+    found = _layer_shapes(model, image, nn.Conv2d, key)
     names = ("in_ch", "out_ch", "kernel", "stride", "padding", "dilation", "groups", "bias", "in_hw", "out_hw")
     return [dict(zip(names, k), count=n) for k, n in found.items()]
 
@@ -369,6 +366,7 @@ class Run:
         self.results: Dict[str, Any] = {}
         self.rows: Dict[str, Dict[str, Any]] = {}  # "network:mode" -> measurements
         self.compile_s: Dict[str, float] = {}
+        self.fp32_refs: Dict[str, torch.Tensor] = {}  # fp32_reference's cache
         self.diffusion = GaussianDiffusion("linear", num_timesteps=1000)
 
     def time_left(self) -> float:
@@ -1093,32 +1091,21 @@ class Run:
     def same_function_check(self, fast_fwd, nets: Dict[str, nn.Module]) -> None:
         """The fast path against float32 eager (TF32 off) on the same weights and inputs; ours against diffusers."""
         x, t = self.infer_inputs[0]
-        x, t = x[: min(256, x.shape[0])], t[: min(256, x.shape[0])]
         res: Dict[str, Any] = {}
-        # the fast forward first: switching TF32 would make dynamo recompile a compiled forward
-        out_fast = fast_fwd(*self.infer_inputs[0])[: x.shape[0]].float()
-        old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            refs = {}
-            for name, master in nets.items():
-                m = copy.deepcopy(master).to(self.device).float().eval()
-                refs[name] = m(x, t).float()
-                del m
+        # the fast forward first: switching TF32 (for the references) would make dynamo recompile it
+        out_fast = fast_fwd(x, t)[: min(256, x.shape[0])].float()
+        refs = {name: self.fp32_reference(name, master) for name, master in nets.items()}
 
-            def rel(a, b):
-                return float((a - b).norm() / b.norm())
+        def rel(a, b):
+            return float((a - b).norm() / b.norm())
 
-            res["fast_vs_fp32_rel_err"] = rel(out_fast, refs["ours"])
-            res["fast_output_finite"] = bool(torch.isfinite(out_fast).all())
-            if "diffusers" in refs:
-                res["ours_fp32_vs_diffusers_fp32_rel_err"] = rel(refs["ours"], refs["diffusers"])
-            res["tolerance"] = "bf16: rel err < 2e-2; same function (fp32): < 1e-4"
-            res["ok"] = (res["fast_output_finite"] and res["fast_vs_fp32_rel_err"] < 2e-2
-                         and res.get("ours_fp32_vs_diffusers_fp32_rel_err", 0.0) < 1e-4)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        res["fast_vs_fp32_rel_err"] = rel(out_fast, refs["ours"])
+        res["fast_output_finite"] = bool(torch.isfinite(out_fast).all())
+        if "diffusers" in refs:
+            res["ours_fp32_vs_diffusers_fp32_rel_err"] = rel(refs["ours"], refs["diffusers"])
+        res["tolerance"] = "bf16: rel err < 2e-2; same function (fp32): < 1e-4"
+        res["ok"] = (res["fast_output_finite"] and res["fast_vs_fp32_rel_err"] < 2e-2
+                     and res.get("ours_fp32_vs_diffusers_fp32_rel_err", 0.0) < 1e-4)
         self.results["correctness"] = res
         log("correctness: fast path vs fp32 eager rel err {:.2e}; ours vs diffusers (fp32) {}; ok={}".format(
             res["fast_vs_fp32_rel_err"],
@@ -1127,20 +1114,30 @@ class Run:
         self.write_json()
 
     @torch.no_grad()
+    def fp32_reference(self, name: str, master: nn.Module) -> torch.Tensor:
+        """``master``'s float32 eager output (TF32 off) on the first 256 inference inputs, computed once per network
+        (the correctness checks of the fast path and of every experiment compare with it)."""
+        cache = self.fp32_refs
+        if name not in cache:
+            x, t = self.infer_inputs[0]
+            n = min(256, x.shape[0])
+            old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            try:
+                m = copy.deepcopy(master).to(self.device).float().eval()
+                cache[name] = m(x[:n], t[:n]).float()
+                del m
+            finally:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        return cache[name]
+
+    @torch.no_grad()
     def experiment_check(self, fwd, master: nn.Module, row: Dict[str, Any]) -> None:
         """An experiment's forward against float32 eager (TF32 off) on the same weights and inputs: recorded in
         its row (``infer_rel_err_vs_fp32``, bf16 tolerance 2e-2)."""
         x, t = self.infer_inputs[0]
-        n = min(256, x.shape[0])
-        out = fwd(x, t)[:n].float()  # first: switching TF32 would make dynamo recompile a compiled forward
-        old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
-            m = copy.deepcopy(master).to(self.device).float().eval()
-            ref = m(x[:n], t[:n]).float()
-            del m
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        out = fwd(x, t)[: min(256, x.shape[0])].float()  # first: switching TF32 would make dynamo recompile it
+        ref = self.fp32_reference("ours", master)
         err = float((out - ref).norm() / ref.norm())
         row["infer_rel_err_vs_fp32"] = err
         row["infer_same_function"] = bool(torch.isfinite(out).all()) and err < 2e-2

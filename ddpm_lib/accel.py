@@ -362,10 +362,8 @@ class TritonGroupNorm(nn.GroupNorm):
     SiLU after, in the same pass; :class:`TritonResBlock` uses it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = _kernels()
-        if k.supported(x, self.num_groups, self.weight, self.bias):
-            return k.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps)
-        return nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        # where the kernel does not apply, group_norm_act is F.group_norm itself
+        return _kernels().group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def forward_act(self, x: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``SiLU(GroupNorm(x + add[:, :, None, None]))``; ``add (N, C)`` or None."""

@@ -363,6 +363,17 @@ def test_set_group_norm_keeps_the_network():
     torch.testing.assert_close(flat(x2), ref2)
 
 
+def _same_values_and_gradients(changed, m, x, t, rtol=1e-4, atol=1e-5, grad_atol=1e-6):
+    """``changed`` (a network with swapped-in classes) computes what ``m`` computes: outputs and the gradients of
+    every parameter of a loss on them."""
+    ref, out = m(x, t), changed(x, t)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    grads_ref = torch.autograd.grad(ref.square().mean(), list(m.parameters()))
+    for a, b in zip(torch.autograd.grad(out.square().mean(), list(changed.parameters())), grads_ref):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=grad_atol)
+
+
 def test_set_group_norm_triton_is_the_same_network_where_the_kernel_cannot_run():
     """"triton" swaps the GroupNorms and residual blocks in place (same state dict) and back; where the kernel
     does not run (here: a CPU without Triton's interpreter, or a gradient to compute) the blocks compute the
@@ -370,17 +381,12 @@ def test_set_group_norm_triton_is_the_same_network_where_the_kernel_cannot_run()
     from ddpm_lib.unet import ResBlock
     m = _tiny().train()
     x, t = _inputs()
-    ref = m(x, t)
-    grads_ref = torch.autograd.grad(ref.square().mean(), list(m.parameters()))
     tri = copy.deepcopy(m)
     n = accel.set_group_norm(tri, "triton")
     assert n == sum(isinstance(mod, torch.nn.GroupNorm) for mod in m.modules())
     assert all(type(mod) is accel.TritonResBlock for mod in tri.modules() if isinstance(mod, ResBlock))
     assert tri.state_dict().keys() == m.state_dict().keys()
-    out = tri(x, t)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(out.square().mean(), list(tri.parameters())), grads_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _same_values_and_gradients(tri, m, x, t)
     accel.set_group_norm(tri, "native")
     assert not any(type(mod) in (accel.TritonResBlock, accel.TritonGroupNorm) for mod in tri.modules())
 
@@ -416,16 +422,11 @@ def test_set_upsample_keeps_the_network():
     from ddpm_lib.unet import Upsample
     m = _tiny().train()
     x, t = _inputs()
-    ref = m(x, t)
-    grads_ref = torch.autograd.grad(ref.square().mean(), list(m.parameters()))
     sp = copy.deepcopy(m)
     n = accel.set_upsample(sp, "subpixel")
     assert n == sum(isinstance(mod, Upsample) for mod in m.modules()) > 0
     assert sp.state_dict().keys() == m.state_dict().keys()
-    out = sp(x, t)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(out.square().mean(), list(sp.parameters())), grads_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _same_values_and_gradients(sp, m, x, t)
     accel.set_upsample(sp, "nearest")
     assert all(type(mod) is Upsample for mod in sp.modules() if isinstance(mod, Upsample))
     fast = accel.prepare_model(copy.deepcopy(m).eval(), "cpu", bf16=True, channels_last=True, compile=False,
@@ -442,17 +443,11 @@ def test_channel_padding_is_the_same_convolution():
     same state dict, same values and gradients; undone by None; prepare_model takes it."""
     m = _tiny().train()
     x, t = _inputs()
-    ref = m(x, t)
-    grads_ref = torch.autograd.grad(ref.square().mean(), list(m.parameters()))
     padded = copy.deepcopy(m)
     assert accel.set_channel_padding(padded, 8) == 2  # conv_in (3 -> 16) and conv_out (16 -> 3)
     assert type(padded.conv_in) is type(padded.conv_out) is accel.ChannelPaddedConv2d
     assert padded.state_dict().keys() == m.state_dict().keys()
-    out = padded(x, t)
-    assert out.shape == ref.shape
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    for a, b in zip(torch.autograd.grad(out.square().mean(), list(padded.parameters())), grads_ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    _same_values_and_gradients(padded, m, x, t, rtol=1e-5, atol=1e-6, grad_atol=1e-7)
     xc = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(padded.conv_in(xc), m.conv_in(x), rtol=1e-5, atol=1e-6)
