@@ -278,16 +278,21 @@ def render(data: Dict[str, Any], json_name: str) -> str:
                    f"from a CUDA graph, batch {gk['batch']}, bf16 channels_last, with the per-channel addend; GB/s "
                    f"counts one read and one write):")
         out.append("")
-        out.append("| channels, groups, H×W | count | Triton ms (GB/s) | inductor ms (GB/s) | eager ms (GB/s) |")
-        out.append("|---|---:|---:|---:|---:|")
+        rule = any(r.get("triton_rule_ms") for r in gk["layers"])
+        out.append("| channels, groups, H×W | count | Triton ms (GB/s) | " + ("Triton, rule's tile | " if rule else "")
+                   + "inductor ms (GB/s) | eager ms (GB/s) |")
+        out.append("|---|---:|---:|" + ("---:|" if rule else "") + "---:|---:|")
         for r in gk["layers"]:
             def cell(name, r=r):
                 if not r.get(name + "_ms"):
                     return "-"
                 eager = "" if r.get(name + "_graphed", True) else ", not graphed"
                 return f"{r[name + '_ms']:.3f} ({r[name + '_gb_per_s']:,.0f}{eager})"
-            out.append(f"| {r['channels']}, {r['groups']}, {r['hw'][0]}×{r['hw'][1]} | {r['count']} | {cell('triton')} | "
-                       f"{cell('inductor')} | {cell('eager')} |")
+            tile = f" tile {tuple(r['triton_tile'])}" if r.get("triton_tile") else ""
+            rule_tile = f" tile {tuple(r['triton_tile_rule'])}" if r.get("triton_tile_rule") else ""
+            rule_cell = f"{cell('triton_rule')}{rule_tile} | " if rule else ""
+            out.append(f"| {r['channels']}, {r['groups']}, {r['hw'][0]}×{r['hw'][1]} | {r['count']} | {cell('triton')}"
+                       f"{tile} | {rule_cell}{cell('inductor')} | {cell('eager')} |")
         nm = gk.get("network_ms") or {}
         label = "the network's GroupNorms"
         if gk.get("shapes_in_sums") is not None and gk.get("shapes_in_sums") != gk.get("shapes"):
@@ -295,7 +300,11 @@ def render(data: Dict[str, Any], json_name: str) -> str:
 
         def total(name):
             return f"**{nm[name]:.2f}**" if nm.get(name) is not None else "-"
-        out.append(f"| **{label}** | | {total('triton')} | {total('inductor')} | {total('eager')} |")
+        out.append(f"| **{label}** | | {total('triton')} | " + (f"{total('triton_rule')} | " if rule else "")
+                   + f"{total('inductor')} | {total('eager')} |")
+        out.append("")
+        out.append("Tiles are (BLOCK_HW, BLOCK_G, BLOCK_CPG, num_warps); the Triton column uses the tile the first "
+                   "call timed fastest among `kernels.candidates` (every candidate's time is in the JSON).")
         out.append("")
     elif gk.get("error"):
         notes.append(f"GroupNorm kernels alone: {gk['error'][:200]}")

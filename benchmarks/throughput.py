@@ -433,6 +433,9 @@ class Run:
             out = dict(self.results)
             out.update(self.summary())
             out["modes"] = [dict(v) for v in self.rows.values()]
+            kmod = sys.modules.get("ddpm_lib.kernels")
+            if kmod is not None and kmod.tuned():  # the GroupNorm kernel's tiles, timed on this card
+                out["gn_tuned"] = kmod.tuned()
             out["elapsed_s"] = round(time.perf_counter() - T0, 1)
             out["complete"] = bool(final)
             path = self.json_path()
@@ -762,7 +765,7 @@ class Run:
             self.results["gn_kernels"] = dict(error=f"not run: {why}")
             return
         B = self.size["infer_batch"]
-        names = ["triton", "eager"] + (["inductor"] if with_inductor else [])
+        names = ["triton"] + (["triton_rule"] if self.cuda else []) + ["eager"] + (["inductor"] if with_inductor else [])
         rows: List[Dict[str, Any]] = []
         for s in shapes:
             C, G, (H, W) = s["channels"], s["groups"], s["hw"]
@@ -783,8 +786,11 @@ class Run:
                 return torch.nn.functional.silu(torch.nn.functional.group_norm(
                     x + add[:, :, None, None].to(x.dtype), G, w, b, 1e-6))
 
-            fns = {"triton": lambda i: kernels.group_norm_act(x, G, w, b, 1e-6, add, act=True),
-                   "eager": lambda i: ref(x, add)}
+            fns = {"triton": lambda i: kernels.group_norm_act(x, G, w, b, 1e-6, add, act=True)}
+            if self.cuda:  # the tile of kernels.tile_for's rule, against the one the first call timed fastest
+                rule = kernels.candidates(H * W, C, G)[0]
+                fns["triton_rule"] = lambda i: kernels._launch(x, w, b, add, G, 1e-6, True, tile=rule)
+            fns["eager"] = lambda i: ref(x, add)
             if with_inductor:
                 try:
                     comp = torch.compile(ref, dynamic=False)
@@ -806,6 +812,12 @@ class Run:
                 err = (kernels.group_norm_act(x, G, w, b, 1e-6, add, act=True).float()
                        - ref(x.float(), add)).abs().max()
             r["triton_max_abs_err_vs_fp32"] = float(err)
+            r["triton_tile_rule"] = list(kernels.candidates(H * W, C, G)[0])
+            chosen = [e for e in kernels.tuned() if e["shape"] == list(x.shape) and e["strides"] == list(x.stride())
+                      and e["dtype"] == "bfloat16" and e["options"]["add"] and e["options"]["act"]]
+            if chosen:  # the tile the autotuner chose, and every candidate's time
+                r["triton_tile"], r["triton_tile_candidates"], r["triton_tile_ms"] = \
+                    chosen[-1]["tile"], chosen[-1]["candidates"], chosen[-1]["ms"]
             del x, add, fns
             torch._dynamo.reset()
         full = [r for r in rows if all(f"{n}_ms" in r for n in names)]
@@ -813,7 +825,9 @@ class Run:
         self.results["gn_kernels"] = dict(
             batch=B, layers=rows, network_ms=tot, shapes_in_sums=len(full), shapes=len(rows),
             note="bf16 channels_last, GroupNorm(x + add) + SiLU; network_ms: the sum over the network's GroupNorms "
-                 "with their counts (all timed with the addend and SiLU), over the shapes every implementation ran")
+                 "with their counts (all timed with the addend and SiLU), over the shapes every implementation ran; "
+                 "triton: the tile the autotuner chose (triton_tile, of triton_tile_candidates timed as "
+                 "triton_tile_ms), triton_rule: kernels.tile_for's tile (triton_tile_rule)")
         log(f"GroupNorm+SiLU alone over the network's GroupNorms at batch {B} ({len(full)} of {len(rows)} shapes): "
             + ", ".join(f"{k} {v:.2f} ms" for k, v in tot.items()))
         self.release(reset_dynamo=True)
@@ -1255,7 +1269,7 @@ class Run:
                     # after the inference experiments: the GroupNorm kernel alone (a diagnosis)
                     if kind == "infer" and self.cuda and "infer" in what and {
                             "ours:fast_tgn", "ours:fast_all", "ours:bf16_cl_compile_tgn", "ours:bf16_cl_compile_all"} & want:
-                        add("ours", "gn_kernels", "kernel", est=60.0)
+                        add("ours", "gn_kernels", "kernel", est=90.0)  # with the autotuning of new shapes
             for mode in ("bf16_cl", "fp32"):
                 for kind in ("train", "infer"):
                     if kind in what and f"{net}:{mode}" in want:
@@ -1275,6 +1289,10 @@ class Run:
             return (job["est"] + extra) if self.cuda else 2.0
         measured = self.compile_s.get(f"ours:{job['kind']}")
         base = measured if measured is not None else job["est"]
+        if job["mode"].endswith(("_tgn", "_all")) and self.cuda:
+            kmod = sys.modules.get("ddpm_lib.kernels")
+            if kmod is None or not kmod.tuned():  # the first network with the kernel times its tiles (~40 s)
+                extra += 40.0
         return base * (0.8 if job["net"] == "diffusers" else 1.0) + 12.0 + extra
 
 

@@ -14,6 +14,14 @@ deviations from it (the two-pass variance from registers, with the mean's roundi
 removed), and writes ``(x - mean) * rstd * weight + bias``, SiLU'd, in ``x``'s dtype and memory format
 (``channels_last`` or contiguous).
 
+Which tile is fastest depends on the card and the shape, and no GPU was at hand when the tile rule
+(:func:`tile_for`) was written: so on CUDA, the first call of each new shape (and memory format, dtype and
+options) times the candidate tiles of :func:`candidates` (the rule's among them; each is compiled on the spot,
+a fraction of a second) and keeps the fastest for that shape (:func:`tuned` lists the choices and timings).
+``DDPM_GN_AUTOTUNE=0`` in the environment, or :func:`set_autotune(False) <set_autotune>`, keeps the rule's tile.
+No timing happens while a CUDA graph is being captured (the rule's tile is used there unless the shape was
+timed before), so a warm-up call before capturing is what gets the timed tile into the graph.
+
 Where it does not apply it is not used, and :func:`group_norm_act` computes the same function with
 PyTorch's operators: no Triton, a device other than CUDA (on a CPU, Triton's interpreter runs it under
 ``TRITON_INTERPRET=1``, set before this module is first imported: that is how the tests check it), a
@@ -25,12 +33,13 @@ dimensions in one stride. Under ``torch.compile`` the kernel is the custom opera
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_TILE", "available", "supported", "group_norm_act", "group_norm_act_reference", "tile_for"]
+__all__ = ["MAX_TILE", "available", "supported", "group_norm_act", "group_norm_act_reference", "tile_for",
+           "candidates", "set_autotune", "tuned"]
 
 try:
     import triton
@@ -48,6 +57,11 @@ MAX_TILE = 16384
 # 32 values (ptxas for sm_90, the paper's CIFAR-10 shapes in channels_last: 56-64 registers, no spills, so
 # four programs of 8 warps fit on a multiprocessor)
 _TARGET_TILE = 8192
+#: Time the candidate tiles of each new shape on its first call on CUDA (see the module's docstring)
+AUTOTUNE = os.environ.get("DDPM_GN_AUTOTUNE", "1") != "0"
+# the candidates hold this many values per thread at most and at least (ptxas for sm_90: 64 values take
+# about 100 registers and 128 take 168, without spills)
+_VALUES_PER_THREAD = (16, 64)
 #: Triton's interpreter (numpy on the host) is on: the kernel also runs on CPU tensors.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -78,6 +92,39 @@ def tile_for(hw: int, channels: int, num_groups: int) -> Optional[Tuple[int, int
     bg = max(1, min(_pow2(num_groups), _TARGET_TILE // (bhw * bcpg), 32))
     elements = bhw * bcpg * bg
     return bhw, bg, bcpg, min(16, max(4, elements // 1024))  # about 32 values per thread
+
+
+def candidates(hw: int, channels: int, num_groups: int) -> List[Tuple[int, int, int, int]]:
+    """The tiles the autotuner times for an activation of ``hw`` positions: :func:`tile_for`'s first, then every
+    other number of groups per program (a power of two, up to 32 and :data:`MAX_TILE` elements) with 4, 8 or 16
+    warps holding 16 to 64 values per thread. Empty where :func:`tile_for` is None."""
+    first = tile_for(hw, channels, num_groups)
+    if first is None:
+        return []
+    bhw, _, bcpg, _ = first
+    out = [first]
+    lo, hi = _VALUES_PER_THREAD
+    bg = 1
+    while bg <= min(_pow2(num_groups), 32) and bhw * bcpg * bg <= MAX_TILE:
+        for warps in (4, 8, 16):
+            tile = (bhw, bg, bcpg, warps)
+            if lo <= bhw * bcpg * bg // (32 * warps) <= hi and tile not in out:
+                out.append(tile)
+        bg *= 2
+    return out
+
+
+def set_autotune(on: bool = True) -> None:
+    """Switch the timing of candidate tiles on CUDA on or off (:data:`AUTOTUNE`); the tiles chosen so far stay."""
+    global AUTOTUNE
+    AUTOTUNE = bool(on)
+
+
+def tuned() -> List[Dict[str, Any]]:
+    """The tiles chosen so far: for each timed shape its ``shape``, ``strides``, ``dtype``, options, the chosen
+    ``tile`` ``(BLOCK_HW, BLOCK_G, BLOCK_CPG, num_warps)`` and each candidate's time (``ms``, in the order of
+    :func:`candidates`; None where it failed)."""
+    return [dict(v, tile=list(v["tile"])) for v in _TUNED.values()]
 
 
 def supported(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
@@ -154,11 +201,62 @@ if triton is not None:
         tl.store(Y + n * syn + hw[:, None, None] * syhw + c[None, :, :] * syc, y.to(Y.dtype.element_ty), mask=mask)
 
 
+_TUNED: Dict[Any, Dict[str, Any]] = {}
+
+
+def _autotune_on(x: torch.Tensor) -> bool:
+    return AUTOTUNE and x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+def _time_tile(tile: Tuple[int, int, int, int], run: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds per call of ``run`` (the kernel with ``tile``, compiled by a first call): the best of three
+    rounds of three calls, timed with CUDA events."""
+    with torch.cuda.device(device):
+        run()
+        best = float("inf")
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                run()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 3)
+    return best
+
+
+def _tile(x: torch.Tensor, y: torch.Tensor, key: Any, run: Callable[[Tuple[int, int, int, int]], Any],
+          num_groups: int) -> Tuple[int, int, int, int]:
+    """The tile for this call: the one chosen for ``key`` before, else (autotuning) the fastest candidate, timed
+    now (writing ``y``, which the caller writes again), else :func:`tile_for`'s."""
+    entry = _TUNED.get(key)
+    if entry is not None:
+        return entry["tile"]
+    N, C, H, W = x.shape
+    cands = candidates(H * W, C, num_groups)
+    if len(cands) < 2 or not _autotune_on(x):
+        return cands[0]
+    ms: List[Optional[float]] = []
+    for tile in cands:
+        try:
+            ms.append(float(_time_tile(tile, lambda tile=tile: run(tile), x.device)))
+        except Exception:  # noqa: BLE001 (a tile this card or compiler cannot run: not a candidate)
+            ms.append(None)
+    ok = [(m, i) for i, m in enumerate(ms) if m is not None and m == m]
+    tile = cands[min(ok)[1]] if ok else cands[0]
+    _TUNED[key] = dict(shape=list(x.shape), strides=list(x.stride()), dtype=str(x.dtype).replace("torch.", ""),
+                       options=dict(zip(("weight", "bias", "add", "act"), key[-4:])), tile=tuple(tile),
+                       candidates=[list(c) for c in cands], ms=[None if m is None else round(m, 4) for m in ms])
+    return tile
+
+
 def _launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-            add: Optional[torch.Tensor], num_groups: int, eps: float, act: bool) -> torch.Tensor:
+            add: Optional[torch.Tensor], num_groups: int, eps: float, act: bool,
+            tile: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
+    """The kernel (arguments as :func:`group_norm_act`'s, already :func:`supported`) with ``tile``, or with the
+    tile chosen for this shape (:func:`_tile`) when ``tile`` is None."""
     N, C, H, W = x.shape
     hw = H * W
-    bhw, bg, bcpg, warps = tile_for(hw, C, num_groups)
     cpg = C // num_groups
     y = torch.empty_like(x)
     if add is not None and add.ndim == 1:
@@ -167,14 +265,22 @@ def _launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     dummy = x  # never read: the matching HAS_* is False
-    grid = (triton.cdiv(num_groups, bg) * N,)  # one axis: no limit of 65,535 on the batch
-    _group_norm_act_kernel[grid](
-        x, y, weight if weight is not None else dummy, bias if bias is not None else dummy,
-        add if add is not None else dummy, 1.0 / (cpg * hw), float(eps),
-        add.stride(0) if add is not None else 0, add.stride(1) if add is not None else 0,
-        sxn=x.stride(0), sxhw=x.stride(3), sxc=x.stride(1), syn=y.stride(0), syhw=y.stride(3), syc=y.stride(1),
-        HW=hw, G=num_groups, CPG=cpg, BLOCK_HW=bhw, BLOCK_G=bg, BLOCK_CPG=bcpg, HAS_W=weight is not None,
-        HAS_B=bias is not None, HAS_ADD=add is not None, ACT=bool(act), num_warps=warps)
+
+    def run(tile: Tuple[int, int, int, int]) -> None:
+        bhw, bg, bcpg, warps = tile
+        grid = (triton.cdiv(num_groups, bg) * N,)  # one axis: no limit of 65,535 on the batch
+        _group_norm_act_kernel[grid](
+            x, y, weight if weight is not None else dummy, bias if bias is not None else dummy,
+            add if add is not None else dummy, 1.0 / (cpg * hw), float(eps),
+            add.stride(0) if add is not None else 0, add.stride(1) if add is not None else 0,
+            sxn=x.stride(0), sxhw=x.stride(3), sxc=x.stride(1), syn=y.stride(0), syhw=y.stride(3), syc=y.stride(1),
+            HW=hw, G=num_groups, CPG=cpg, BLOCK_HW=bhw, BLOCK_G=bg, BLOCK_CPG=bcpg, HAS_W=weight is not None,
+            HAS_B=bias is not None, HAS_ADD=add is not None, ACT=bool(act), num_warps=warps)
+
+    # one tile per shape, memory format, dtype, device and options (the compiled kernel's constants, and the batch)
+    key = (tuple(x.shape), tuple(x.stride()), x.dtype, x.device, num_groups, weight is not None, bias is not None,
+           add is not None, bool(act))
+    run(tuple(tile) if tile is not None else _tile(x, y, key, run, num_groups))
     return y
 
 

@@ -285,5 +285,13 @@ def test_record_renders_the_group_norm_kernel_table():
     assert "| 128, 32, 32×32 | 11 | 0.200 (2,684) | 0.500 (1,074) | 0.900 (596) |" in section
     assert "| 384, 32, 16×16 | 1 | 0.100 (2,013) | - | 0.300 (671) |" in section
     assert "| **the network's GroupNorms** | | **4.00** | **12.50** | **20.00** |" in section
+    # with the autotuner's tile against the rule's (a CUDA run)
+    data["gn_kernels"]["network_ms"]["triton_rule"] = 5.0
+    data["gn_kernels"]["layers"][0].update(triton_tile=[1024, 4, 4, 16], triton_rule_ms=0.3,
+                                           triton_rule_gb_per_s=1789.0, triton_tile_rule=[1024, 2, 4, 8])
+    section = record.render(data, "nvidia-h200.json")
+    assert ("| 128, 32, 32×32 | 11 | 0.200 (2,684) tile (1024, 4, 4, 16) | 0.300 (1,789) tile (1024, 2, 4, 8) | "
+            "0.500 (1,074) | 0.900 (596) |") in section
+    assert "| **the network's GroupNorms** | | **4.00** | **5.00** | **12.50** | **20.00** |" in section
     data["gn_kernels"] = dict(error="skipped: 12 s left")
     assert "GroupNorm kernels alone: skipped: 12 s left" in record.render(data, "nvidia-h200.json")

@@ -33,6 +33,13 @@ SHAPES = [(2, 128, 32, 32, 32), (2, 384, 16, 16, 32), (2, 512, 4, 4, 32), (2, 25
           (3, 12, 5, 7, 4), (2, 8, 1, 1, 2)]
 
 
+@pytest.fixture(autouse=True)
+def _rule_tiles(monkeypatch):
+    """The rule's tiles unless a test asks for the autotuner: timing every candidate of every shape the tests
+    use would cost minutes of compiling on a GPU."""
+    monkeypatch.setattr(kernels, "AUTOTUNE", False)
+
+
 @pytest.mark.skipif(DEVICE is not None or kernels.INTERPRET, reason="the kernel runs directly here")
 @pytest.mark.timeout(900)
 def test_kernels_under_the_triton_interpreter():
@@ -44,8 +51,9 @@ def test_kernels_under_the_triton_interpreter():
     tail = (r.stdout[-4000:] + "\n" + r.stderr[-2000:]).strip()
     assert r.returncode == 0, tail
     counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|skipped|failed)", r.stdout.splitlines()[-1]))
-    # skipped there: this test, and the compile-for-sm_90 test (which needs the compiler, not the interpreter)
-    assert counts.get("passed", 0) >= 25 and counts.get("skipped", 0) == 2, tail
+    # skipped there: this test, the compile-for-sm_90 test (which needs the compiler, not the interpreter) and
+    # the autotuner's timing on CUDA
+    assert counts.get("passed", 0) >= 27 and counts.get("skipped", 0) == 3, tail
 
 
 def _reference64(x, groups, w, b, eps, add, act):
@@ -106,6 +114,88 @@ def test_where_the_kernel_does_not_apply_it_is_not_used():
     with torch.no_grad():
         torch.testing.assert_close(kernels.group_norm_act(x4, 4, add=one, act=True),
                                    kernels.group_norm_act_reference(x4, 4, add=one, act=True))
+
+
+CIFAR_GN = [(1024, 128), (1024, 256), (1024, 384), (256, 128), (256, 256), (256, 384), (256, 512), (64, 256),
+            (64, 512), (16, 256), (16, 512)]  # (H*W, channels) of the paper's CIFAR-10 network's GroupNorms
+
+
+def test_candidate_tiles():
+    """The tiles the autotuner times: the rule's (tile_for) first, no repeats, whole groups, at most MAX_TILE
+    elements, and 16 to 64 values per thread for the others; none where a group does not fit."""
+    for hw, C, G in [(hw, C, 32) for hw, C in CIFAR_GN] + [(35, 12, 4), (1, 8, 2), (256, 96, 32)]:
+        cands = kernels.candidates(hw, C, G)
+        assert cands[0] == kernels.tile_for(hw, C, G) and len(set(cands)) == len(cands), (hw, C)
+        for bhw, bg, bcpg, warps in cands:
+            assert bhw >= hw and bcpg >= C // G and bhw * bg * bcpg <= kernels.MAX_TILE, (hw, C)
+            assert bg & (bg - 1) == 0 and bg <= 32 and warps in (4, 8, 16), (hw, C)
+        for bhw, bg, bcpg, warps in cands[1:]:
+            assert 16 <= bhw * bg * bcpg // (32 * warps) <= 64, (hw, C)
+    assert len(kernels.candidates(1024, 128, 32)) > 4
+    assert kernels.candidates(64 * 64, 64, 8) == []
+
+
+@needs_kernel
+def test_the_autotuner_keeps_the_fastest_tile(monkeypatch):
+    """The first call of a shape times every candidate tile (here a stand-in clock makes the third fastest and
+    the second fail) and later calls of that shape use the fastest without timing again; every candidate
+    computes the same function; with autotuning off (or while a CUDA graph is captured) nothing is timed."""
+    real_on = kernels._autotune_on
+    monkeypatch.setattr(kernels, "_TUNED", {})
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    monkeypatch.setattr(kernels, "_autotune_on", lambda x: True)
+    N, C, H, W, G = 2, 96, 16, 16, 32
+    cands = kernels.candidates(H * W, C, G)
+    assert len(cands) >= 4
+    timed = []
+
+    def clock(tile, run, device):
+        run()
+        timed.append(tile)
+        if tile == cands[1]:
+            raise RuntimeError("out of resources")
+        return 1.0 if tile == cands[2] else 2.0
+
+    monkeypatch.setattr(kernels, "_time_tile", clock)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N, C, H, W, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    w, b = (torch.randn(C, generator=g).to(DEVICE) for _ in range(2))
+    add = torch.randn(N, C, generator=g).to(DEVICE)
+    ref = _reference64(x, G, w, b, 1e-6, add, True)
+    with torch.no_grad():
+        y = kernels.group_norm_act(x, G, w, b, 1e-6, add, act=True)
+        assert timed == cands
+        (entry,) = kernels.tuned()
+        assert tuple(entry["tile"]) == cands[2] and entry["candidates"] == [list(c) for c in cands]
+        assert entry["ms"][1] is None and entry["ms"][2] == 1.0 and entry["ms"][0] == 2.0
+        assert entry["shape"] == [N, C, H, W] and entry["options"] == dict(weight=True, bias=True, add=True, act=True)
+        y2 = kernels.group_norm_act(x, G, w, b, 1e-6, add, act=True)
+        assert len(timed) == len(cands)  # the same shape again: the chosen tile, no timing
+        for out in [y, y2] + [kernels._launch(x, w, b, add, G, 1e-6, True, tile=t) for t in cands]:
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        # another batch size is another shape: timed anew
+        kernels.group_norm_act(x[:1], G, w, b, 1e-6, add[:1], act=True)
+        assert len(timed) == 2 * len(cands) and len(kernels.tuned()) == 2
+    kernels.set_autotune(False)
+    assert not real_on(x)
+    kernels.set_autotune(True)
+    assert real_on(x) == (x.device.type == "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times the tiles on a CUDA device")
+def test_the_autotuner_on_cuda(monkeypatch):
+    """On a GPU: the first call times every candidate (all run, positive times) and keeps the fastest."""
+    monkeypatch.setattr(kernels, "_TUNED", {})
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    x = torch.randn(8, 128, 32, 32, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(128, device="cuda"), torch.randn(128, device="cuda")
+    with torch.no_grad():
+        y = kernels.group_norm_act(x, 32, w, b, 1e-6, act=True)
+    (entry,) = kernels.tuned()
+    assert all(m is not None and m > 0 for m in entry["ms"]), entry
+    assert entry["ms"][entry["candidates"].index(entry["tile"])] == min(entry["ms"])
+    ref = _reference64(x, 32, w, b, 1e-6, None, True)
+    assert (y.double() - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item()
 
 
 @needs_kernel
@@ -229,8 +319,7 @@ def test_the_kernel_compiles_for_an_h100_without_spilling():
            "eps": "fp32", "san": "i32", "sac": "i32"}
     # what Triton's launcher assumes of PyTorch's tensors and of a stride like C: 16-byte alignment
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("X", "Y", "Wt", "Bs", "ADD", "san")}
-    for hw, C in [(1024, 128), (1024, 256), (1024, 384), (256, 128), (256, 256), (256, 384), (256, 512),
-                  (64, 256), (64, 512), (16, 256), (16, 512)]:
+    for hw, C in CIFAR_GN:
         bhw, bg, bcpg, warps = kernels.tile_for(hw, C, 32)
         consts = dict(sxn=hw * C, sxhw=C, sxc=1, syn=hw * C, syhw=C, syc=1,  # channels_last
                       HW=hw, G=32, CPG=C // 32, BLOCK_HW=bhw, BLOCK_G=bg, BLOCK_CPG=bcpg, HAS_W=True, HAS_B=True,
