@@ -814,7 +814,8 @@ class Run:
             r["triton_max_abs_err_vs_fp32"] = float(err)
             r["triton_tile_rule"] = list(kernels.candidates(H * W, C, G)[0])
             chosen = [e for e in kernels.tuned() if e["shape"] == list(x.shape) and e["strides"] == list(x.stride())
-                      and e["dtype"] == "bfloat16" and e["options"]["add"] and e["options"]["act"]]
+                      and e["dtype"] == "bfloat16" and e["options"]["add"] and e["options"]["act"]
+                      and not (e["options"]["res"] or e["options"]["x2"] or e["options"]["return_input"])]
             if chosen:  # the tile the autotuner chose, and every candidate's time
                 r["triton_tile"], r["triton_tile_candidates"], r["triton_tile_ms"] = \
                     chosen[-1]["tile"], chosen[-1]["candidates"], chosen[-1]["ms"]

@@ -14,6 +14,12 @@ deviations from it (the two-pass variance from registers, with the mean's roundi
 removed), and writes ``(x - mean) * rstd * weight + bias``, SiLU'd, in ``x``'s dtype and memory format
 (``channels_last`` or contiguous).
 
+Two more inputs let a network skip the passes around it (:class:`ddpm_lib.accel.FoldedUNet`): ``res``, a second
+activation of ``x``'s shape added to it (a residual connection: ``x + res + add`` is normalised without being
+written first, and ``return_input=True`` writes it in the same pass for the layers that need it), and ``x2``,
+channels appended after ``x``'s (the U-Net's concatenation of the upsampling path with a skip connection: the
+groups span both, and ``return_input=True`` writes the concatenation for the residual block's 1x1 convolution).
+
 Which tile is fastest depends on the card and the shape, and no GPU was at hand when the tile rule
 (:func:`tile_for`) was written: so on CUDA, the first call of each new shape (and memory format, dtype and
 options) times the candidate tiles of :func:`candidates` (the rule's among them; each is compiled on the spot,
@@ -127,49 +133,74 @@ def tuned() -> List[Dict[str, Any]]:
     return [dict(v, tile=list(v["tile"])) for v in _TUNED.values()]
 
 
+def _spatial_ok(t: torch.Tensor) -> bool:
+    """4-D with the two spatial dimensions in one stride (one index over ``H*W`` positions)."""
+    return t.ndim == 4 and (t.shape[2] <= 1 or t.stride(2) == t.shape[3] * t.stride(3))
+
+
 def supported(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
-              bias: Optional[torch.Tensor] = None, add: Optional[torch.Tensor] = None) -> bool:
+              bias: Optional[torch.Tensor] = None, add: Optional[torch.Tensor] = None,
+              res: Optional[torch.Tensor] = None, x2: Optional[torch.Tensor] = None) -> bool:
     """Whether :func:`group_norm_act` runs the kernel for these arguments."""
-    if triton is None or x.ndim != 4 or x.dtype not in _DTYPES or x.shape[1] % num_groups:
+    if triton is None or x.ndim != 4 or x.dtype not in _DTYPES:
         return False
     if not (x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu")):
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, add)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, add, res, x2)):
         return False
-    N, C, H, W = x.shape
-    if N == 0 or H * W == 0 or (H > 1 and x.stride(2) != W * x.stride(3)):
+    N, C1, H, W = x.shape
+    C = C1 + (x2.shape[1] if x2 is not None and x2.ndim == 4 else 0)
+    if C % num_groups or N == 0 or H * W == 0 or not _spatial_ok(x):
+        return False
+    for t in (res, x2):  # same batch, positions, dtype and device as x
+        if t is not None and not (t.ndim == 4 and t.shape[0] == N and tuple(t.shape[2:]) == (H, W)
+                                  and t.dtype == x.dtype and t.device == x.device and _spatial_ok(t)):
+            return False
+    if res is not None and res.shape[1] != C1:
         return False
     if any(t is not None and tuple(t.shape) != (C,) for t in (weight, bias)):
         return False
-    if add is not None and tuple(add.shape) not in ((N, C), (C,)):  # (1, C) and others: the reference broadcasts
+    if add is not None and tuple(add.shape) not in ((N, C1), (C1,)):  # (1, C) and others: the reference broadcasts
         return False
     return tile_for(H * W, C, num_groups) is not None
 
 
 def group_norm_act_reference(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                              bias: Optional[torch.Tensor] = None, eps: float = 1e-5,
-                             add: Optional[torch.Tensor] = None, act: bool = False) -> torch.Tensor:
-    """The function the kernel computes, in PyTorch operators: ``SiLU(GroupNorm(x + add[..., None, None]))``
-    (SiLU only with ``act``); ``add`` is ``(N, C)`` or ``(C,)``."""
+                             add: Optional[torch.Tensor] = None, act: bool = False, *,
+                             res: Optional[torch.Tensor] = None, x2: Optional[torch.Tensor] = None,
+                             return_input: bool = False):
+    """The function the kernel computes, in PyTorch operators: with ``v = cat([x + res + add[..., None, None],
+    x2], dim=1)`` (each of ``res``, ``add``, ``x2`` optional; ``add`` is ``(N, C1)`` or ``(C1,)`` for ``x``'s
+    ``C1`` channels), ``SiLU(GroupNorm(v))`` (SiLU only with ``act``), and ``v`` too with ``return_input``."""
+    if res is not None:
+        x = x + res
     if add is not None:
         x = x + (add.reshape(1, -1, 1, 1) if add.ndim == 1 else add[:, :, None, None])
+    if x2 is not None:
+        x = torch.cat([x, x2], dim=1)
     y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if act else y
+    y = F.silu(y) if act else y
+    return (y, x) if return_input else y
 
 
 if triton is not None:
     @triton.jit
-    def _group_norm_act_kernel(X, Y, Wt, Bs, ADD, inv_count, eps, san, sac,
-                               sxn: tl.constexpr, sxhw: tl.constexpr, sxc: tl.constexpr, syn: tl.constexpr,
-                               syhw: tl.constexpr, syc: tl.constexpr,
+    def _group_norm_act_kernel(X, RES, X2, Y, S, Wt, Bs, ADD, inv_count, eps, san, sac,
+                               sxn: tl.constexpr, sxhw: tl.constexpr, sxc: tl.constexpr, srn: tl.constexpr,
+                               srhw: tl.constexpr, src: tl.constexpr, s2n: tl.constexpr, s2hw: tl.constexpr,
+                               s2c: tl.constexpr, syn: tl.constexpr, syhw: tl.constexpr, syc: tl.constexpr,
+                               ssn: tl.constexpr, sshw: tl.constexpr, ssc: tl.constexpr, C1: tl.constexpr,
                                HW: tl.constexpr, G: tl.constexpr, CPG: tl.constexpr, BLOCK_HW: tl.constexpr,
                                BLOCK_G: tl.constexpr, BLOCK_CPG: tl.constexpr, HAS_W: tl.constexpr,
-                               HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, ACT: tl.constexpr):
+                               HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_RES: tl.constexpr,
+                               HAS_X2: tl.constexpr, HAS_S: tl.constexpr, ACT: tl.constexpr):
         # one program: sample n, groups g0 .. g0 + BLOCK_G - 1, all HW positions; tile (BLOCK_HW, BLOCK_G, BLOCK_CPG).
-        # The activation's strides are compile-time constants (one compilation per shape and memory format), so
+        # The activations' strides are compile-time constants (one compilation per shape and memory format), so
         # that the compiler sees a channels_last group's channels lie together and loads them as vectors.
         # programs next to each other in the launch order take neighbouring groups of one sample, so that the
-        # memory sectors they share (channels_last: a position's channels lie together) meet in L2
+        # memory sectors they share (channels_last: a position's channels lie together) meet in L2.
+        # Channels c < C1 are x (+ res + add), channels c >= C1 are x2's channel c - C1.
         blocks: tl.constexpr = (G + BLOCK_G - 1) // BLOCK_G
         pid = tl.program_id(0)
         n = (pid // blocks).to(tl.int64)
@@ -179,11 +210,25 @@ if triton is not None:
         cmask = (g[:, None] < G) & (j[None, :] < CPG)
         hw = tl.arange(0, BLOCK_HW)
         mask = (hw < HW)[:, None, None] & cmask[None, :, :]
-        x = tl.load(X + n * sxn + hw[:, None, None] * sxhw + c[None, :, :] * sxc, mask=mask, other=0.0)
+        if HAS_X2:
+            cmask1 = cmask & (c < C1)
+        else:
+            cmask1 = cmask
+        mask1 = (hw < HW)[:, None, None] & cmask1[None, :, :]
+        x = tl.load(X + n * sxn + hw[:, None, None] * sxhw + c[None, :, :] * sxc, mask=mask1, other=0.0)
         x = x.to(tl.float32)
+        if HAS_RES:
+            x += tl.load(RES + n * srn + hw[:, None, None] * srhw + c[None, :, :] * src, mask=mask1,
+                         other=0.0).to(tl.float32)
         if HAS_ADD:
-            a = tl.load(ADD + n * san + c * sac, mask=cmask, other=0.0).to(tl.float32)
-            x = tl.where(mask, x + a[None, :, :], 0.0)
+            a = tl.load(ADD + n * san + c * sac, mask=cmask1, other=0.0).to(tl.float32)
+            x = tl.where(mask1, x + a[None, :, :], 0.0)
+        if HAS_X2:
+            mask2 = (hw < HW)[:, None, None] & (cmask & (c >= C1))[None, :, :]
+            x += tl.load(X2 + n * s2n + hw[:, None, None] * s2hw + (c[None, :, :] - C1) * s2c, mask=mask2,
+                         other=0.0).to(tl.float32)
+        if HAS_S:  # the normalised input itself, for the layers that read it
+            tl.store(S + n * ssn + hw[:, None, None] * sshw + c[None, :, :] * ssc, x.to(S.dtype.element_ty), mask=mask)
         mean = tl.sum(tl.sum(x, axis=2), axis=0) * inv_count  # (BLOCK_G,)
         d = tl.where(mask, x - mean[None, :, None], 0.0)
         # the mean's own rounding error (a large mean summed in float32), measured and taken out
@@ -226,14 +271,14 @@ def _time_tile(tile: Tuple[int, int, int, int], run: Callable[[], Any], device: 
 
 
 def _tile(x: torch.Tensor, y: torch.Tensor, key: Any, run: Callable[[Tuple[int, int, int, int]], Any],
-          num_groups: int) -> Tuple[int, int, int, int]:
+          num_groups: int, channels: int, options: Dict[str, Any]) -> Tuple[int, int, int, int]:
     """The tile for this call: the one chosen for ``key`` before, else (autotuning) the fastest candidate, timed
-    now (writing ``y``, which the caller writes again), else :func:`tile_for`'s."""
+    now (writing the outputs, which the caller writes again), else :func:`tile_for`'s."""
     entry = _TUNED.get(key)
     if entry is not None:
         return entry["tile"]
-    N, C, H, W = x.shape
-    cands = candidates(H * W, C, num_groups)
+    N, _, H, W = x.shape
+    cands = candidates(H * W, channels, num_groups)
     if len(cands) < 2 or not _autotune_on(x):
         return cands[0]
     ms: List[Optional[float]] = []
@@ -245,43 +290,70 @@ def _tile(x: torch.Tensor, y: torch.Tensor, key: Any, run: Callable[[Tuple[int, 
     ok = [(m, i) for i, m in enumerate(ms) if m is not None and m == m]
     tile = cands[min(ok)[1]] if ok else cands[0]
     _TUNED[key] = dict(shape=list(x.shape), strides=list(x.stride()), dtype=str(x.dtype).replace("torch.", ""),
-                       options=dict(zip(("weight", "bias", "add", "act"), key[-4:])), tile=tuple(tile),
-                       candidates=[list(c) for c in cands], ms=[None if m is None else round(m, 4) for m in ms])
+                       options=dict(options), tile=tuple(tile), candidates=[list(c) for c in cands],
+                       ms=[None if m is None else round(m, 4) for m in ms])
     return tile
+
+
+def _outputs(x: torch.Tensor, x2: Optional[torch.Tensor], return_input: bool):
+    """The kernel's outputs, empty: ``y`` and (``return_input``) the normalised input, in ``x``'s dtype and memory
+    format (its strides where there is no ``x2``; else channels_last or contiguous, as ``x`` is), else None."""
+    if x2 is None:
+        y = torch.empty_like(x)
+        return y, (torch.empty_like(x) if return_input else None)
+    N, C1, H, W = x.shape
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+
+    def new() -> torch.Tensor:
+        return torch.empty((N, C1 + x2.shape[1], H, W), dtype=x.dtype, device=x.device, memory_format=fmt)
+    return new(), (new() if return_input else None)
+
+
+def _strides(t: Optional[torch.Tensor]) -> Tuple[int, int, int]:
+    """(sample, position, channel) strides; zeros for an absent tensor."""
+    return (t.stride(0), t.stride(3), t.stride(1)) if t is not None else (0, 0, 0)
 
 
 def _launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             add: Optional[torch.Tensor], num_groups: int, eps: float, act: bool,
-            tile: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
+            tile: Optional[Tuple[int, int, int, int]] = None, *, res: Optional[torch.Tensor] = None,
+            x2: Optional[torch.Tensor] = None, return_input: bool = False):
     """The kernel (arguments as :func:`group_norm_act`'s, already :func:`supported`) with ``tile``, or with the
-    tile chosen for this shape (:func:`_tile`) when ``tile`` is None."""
-    N, C, H, W = x.shape
+    tile chosen for this shape (:func:`_tile`) when ``tile`` is None. Returns ``y``, or ``(y, input)``."""
+    N, C1, H, W = x.shape
+    C = C1 + (x2.shape[1] if x2 is not None else 0)
     hw = H * W
     cpg = C // num_groups
-    y = torch.empty_like(x)
+    y, s = _outputs(x, x2, return_input)
     if add is not None and add.ndim == 1:
-        add = add.reshape(1, C).expand(N, C)
+        add = add.reshape(1, C1).expand(N, C1)
     # the kernel reads weight and bias with stride 1
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     dummy = x  # never read: the matching HAS_* is False
+    sx, sr, s2, sy, ss = (_strides(t) for t in (x, res, x2, y, s))
 
     def run(tile: Tuple[int, int, int, int]) -> None:
         bhw, bg, bcpg, warps = tile
         grid = (triton.cdiv(num_groups, bg) * N,)  # one axis: no limit of 65,535 on the batch
         _group_norm_act_kernel[grid](
-            x, y, weight if weight is not None else dummy, bias if bias is not None else dummy,
+            x, res if res is not None else dummy, x2 if x2 is not None else dummy, y, s if s is not None else y,
+            weight if weight is not None else dummy, bias if bias is not None else dummy,
             add if add is not None else dummy, 1.0 / (cpg * hw), float(eps),
             add.stride(0) if add is not None else 0, add.stride(1) if add is not None else 0,
-            sxn=x.stride(0), sxhw=x.stride(3), sxc=x.stride(1), syn=y.stride(0), syhw=y.stride(3), syc=y.stride(1),
+            sxn=sx[0], sxhw=sx[1], sxc=sx[2], srn=sr[0], srhw=sr[1], src=sr[2], s2n=s2[0], s2hw=s2[1], s2c=s2[2],
+            syn=sy[0], syhw=sy[1], syc=sy[2], ssn=ss[0], sshw=ss[1], ssc=ss[2], C1=C1,
             HW=hw, G=num_groups, CPG=cpg, BLOCK_HW=bhw, BLOCK_G=bg, BLOCK_CPG=bcpg, HAS_W=weight is not None,
-            HAS_B=bias is not None, HAS_ADD=add is not None, ACT=bool(act), num_warps=warps)
+            HAS_B=bias is not None, HAS_ADD=add is not None, HAS_RES=res is not None, HAS_X2=x2 is not None,
+            HAS_S=s is not None, ACT=bool(act), num_warps=warps)
 
-    # one tile per shape, memory format, dtype, device and options (the compiled kernel's constants, and the batch)
-    key = (tuple(x.shape), tuple(x.stride()), x.dtype, x.device, num_groups, weight is not None, bias is not None,
-           add is not None, bool(act))
-    run(tuple(tile) if tile is not None else _tile(x, y, key, run, num_groups))
-    return y
+    # one tile per shape, memory formats, dtype, device and options (the compiled kernel's constants, and the batch)
+    options = dict(weight=weight is not None, bias=bias is not None, add=add is not None, act=bool(act),
+                   res=res is not None, x2=None if x2 is None else x2.shape[1], return_input=bool(return_input))
+    key = (tuple(x.shape), sx, sr, s2, sy, x.dtype, x.device, num_groups, tuple(options.items()))
+    run(tuple(tile) if tile is not None else _tile(x, y, key, run, num_groups, C, options))
+    return (y, s) if return_input else y
 
 
 _OP = None
@@ -289,12 +361,17 @@ if hasattr(torch.library, "custom_op"):  # PyTorch >= 2.4: one opaque operator u
     try:
         @torch.library.custom_op("ddpm_lib::group_norm_act", mutates_args=())
         def _group_norm_act_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                               add: Optional[torch.Tensor], num_groups: int, eps: float, act: bool) -> torch.Tensor:
-            return _launch(x, weight, bias, add, num_groups, eps, act)
+                               add: Optional[torch.Tensor], res: Optional[torch.Tensor], x2: Optional[torch.Tensor],
+                               num_groups: int, eps: float, act: bool,
+                               return_input: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+            if return_input:
+                return _launch(x, weight, bias, add, num_groups, eps, act, res=res, x2=x2, return_input=True)
+            return _launch(x, weight, bias, add, num_groups, eps, act, res=res, x2=x2), x.new_empty(0)
 
         @_group_norm_act_op.register_fake
-        def _(x, weight, bias, add, num_groups, eps, act):
-            return torch.empty_like(x)
+        def _(x, weight, bias, add, res, x2, num_groups, eps, act, return_input):
+            y, s = _outputs(x, x2, return_input)
+            return y, (s if s is not None else x.new_empty(0))
     except Exception:  # noqa: BLE001 (already registered by an earlier import of this file under another name)
         _OP = getattr(getattr(torch.ops, "ddpm_lib", None), "group_norm_act", None)
     else:
@@ -303,14 +380,19 @@ if hasattr(torch.library, "custom_op"):  # PyTorch >= 2.4: one opaque operator u
 
 def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                    bias: Optional[torch.Tensor] = None, eps: float = 1e-5, add: Optional[torch.Tensor] = None,
-                   act: bool = False) -> torch.Tensor:
-    """``SiLU(GroupNorm(x + add))`` (SiLU with ``act``): the Triton kernel where :func:`supported`, else
-    :func:`group_norm_act_reference`. Shapes: ``x (N, C, H, W)``, ``weight, bias (C,)``,
-    ``add (N, C)`` or ``(C,)`` -> ``(N, C, H, W)``. The kernel returns ``x``'s dtype and memory format; the
-    reference follows PyTorch's own rules (``x + add`` promotes bfloat16 to a float32 ``add``'s dtype, and
-    GroupNorm under CUDA autocast returns float32), so that its dtype can differ: the values do not."""
-    if not supported(x, num_groups, weight, bias, add):
-        return group_norm_act_reference(x, num_groups, weight, bias, eps, add, act)
+                   act: bool = False, *, res: Optional[torch.Tensor] = None, x2: Optional[torch.Tensor] = None,
+                   return_input: bool = False):
+    """``SiLU(GroupNorm(v))`` (SiLU with ``act``) of ``v = cat([x + res + add, x2], dim=1)`` (``res``, ``add``
+    and ``x2`` optional): the Triton kernel where :func:`supported`, else :func:`group_norm_act_reference`.
+    Returns the result, and ``v`` too with ``return_input`` (``(y, v)``). Shapes: ``x (N, C1, H, W)``, ``res``
+    as ``x``, ``add (N, C1)`` or ``(C1,)``, ``x2 (N, C2, H, W)``, ``weight, bias (C1 + C2,)`` ->
+    ``(N, C1 + C2, H, W)``. The kernel returns ``x``'s dtype and memory format; the reference follows PyTorch's
+    own rules (``x + add`` promotes bfloat16 to a float32 ``add``'s dtype, and GroupNorm under CUDA autocast
+    returns float32), so that its dtype can differ: the values do not."""
+    if not supported(x, num_groups, weight, bias, add, res, x2):
+        return group_norm_act_reference(x, num_groups, weight, bias, eps, add, act, res=res, x2=x2,
+                                        return_input=return_input)
     if _OP is not None:
-        return _OP(x, weight, bias, add, num_groups, float(eps), bool(act))
-    return _launch(x, weight, bias, add, num_groups, eps, act)
+        y, v = _OP(x, weight, bias, add, res, x2, num_groups, float(eps), bool(act), bool(return_input))
+        return (y, v) if return_input else y
+    return _launch(x, weight, bias, add, num_groups, eps, act, res=res, x2=x2, return_input=return_input)

@@ -56,10 +56,11 @@ def test_kernels_under_the_triton_interpreter():
     assert counts.get("passed", 0) >= 27 and counts.get("skipped", 0) == 3, tail
 
 
-def _reference64(x, groups, w, b, eps, add, act):
-    return kernels.group_norm_act_reference(x.double(), groups, None if w is None else w.double(),
-                                            None if b is None else b.double(), eps,
-                                            None if add is None else add.double(), act)
+def _reference64(x, groups, w, b, eps, add, act, **kw):
+    def d(t):
+        return None if t is None else t.double()
+    return kernels.group_norm_act_reference(x.double(), groups, d(w), d(b), eps, d(add), act,
+                                            **{k: (d(v) if torch.is_tensor(v) else v) for k, v in kw.items()})
 
 
 @needs_kernel
@@ -88,6 +89,49 @@ def test_group_norm_act_is_group_norm_then_silu(shape, dtype, channels_last):
         tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # bf16: 8 significant bits (the interpreter truncates)
         err = (y.double() - ref).abs().max().item()
         assert err <= tol * scale + 1e-6, (i, err, scale)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+def test_a_residual_sum_and_a_concatenation_in_the_same_pass(dtype, channels_last):
+    """GroupNorm(x + res + add) and GroupNorm(cat([x, x2])) (groups inside one half and across both), each
+    returning the normalised input too: against float64 PyTorch, in x's dtype and memory format."""
+    g = torch.Generator().manual_seed(11)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype).contiguous(memory_format=fmt)
+
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    for N, C1, C2, H, W, G in [(2, 16, 16, 4, 4, 8), (2, 8, 4, 5, 3, 4), (3, 64, 32, 8, 8, 32)]:
+        x, res, x2 = t(N, C1, H, W), t(N, C1, H, W), t(N, C2, H, W)
+        w, b = (torch.randn(C1 + C2, generator=g).to(DEVICE) for _ in range(2))
+        add = torch.randn(C1, generator=g).to(DEVICE)
+        cases = [dict(res=res, add=add, return_input=True), dict(x2=x2, return_input=True),
+                 dict(res=res, add=add, x2=x2, return_input=True), dict(res=res), dict(x2=x2, act=False)]
+        for kw in cases:
+            kw = dict(dict(act=True), **kw)
+            ww, bb = (w, b) if "x2" in kw else (w[:C1], b[:C1])
+            a = kw.pop("add", None)
+            assert kernels.supported(x, G, ww, bb, a, kw.get("res"), kw.get("x2")), kw.keys()
+            with torch.no_grad():
+                out = kernels.group_norm_act(x, G, ww, bb, 1e-6, a, **kw)
+            ref = _reference64(x, G, ww, bb, 1e-6, a, **kw)
+            outs, refs = (out, ref) if kw.get("return_input") else ((out,), (ref,))
+            for o, r in zip(outs, refs):
+                assert o.dtype == dtype and o.shape == r.shape, kw.keys()
+                assert o.is_contiguous(memory_format=fmt), kw.keys()
+                err = (o.double() - r).abs().max().item()
+                assert err <= tol * r.abs().max().item() + 1e-6, (kw.keys(), err)
+    # what the kernel does not take: PyTorch's operators, the same function
+    x = t(2, 8, 4, 4)
+    for bad in [dict(res=t(2, 8, 2, 2)), dict(res=t(2, 4, 4, 4)), dict(x2=t(1, 8, 4, 4)),
+                dict(x2=t(2, 8, 4, 4).to(torch.float16)), dict(x2=t(2, 4, 4, 4)[..., :2])]:
+        assert not kernels.supported(x, 4, **bad), bad.keys()
+    with torch.no_grad():
+        y, v = kernels.group_norm_act(x, 4, act=True, x2=t(2, 4, 4, 4).to(torch.float16), return_input=True)
+    assert v.shape == (2, 12, 4, 4) and y.shape == v.shape
 
 
 @needs_kernel
@@ -168,7 +212,8 @@ def test_the_autotuner_keeps_the_fastest_tile(monkeypatch):
         (entry,) = kernels.tuned()
         assert tuple(entry["tile"]) == cands[2] and entry["candidates"] == [list(c) for c in cands]
         assert entry["ms"][1] is None and entry["ms"][2] == 1.0 and entry["ms"][0] == 2.0
-        assert entry["shape"] == [N, C, H, W] and entry["options"] == dict(weight=True, bias=True, add=True, act=True)
+        assert entry["shape"] == [N, C, H, W] and entry["options"] == dict(
+            weight=True, bias=True, add=True, act=True, res=False, x2=None, return_input=False)
         y2 = kernels.group_norm_act(x, G, w, b, 1e-6, add, act=True)
         assert len(timed) == len(cands)  # the same shape again: the chosen tile, no timing
         for out in [y, y2] + [kernels._launch(x, w, b, add, G, 1e-6, True, tile=t) for t in cands]:
@@ -315,21 +360,37 @@ def test_the_kernel_compiles_for_an_h100_without_spilling():
     if ptxas is None:
         pytest.skip("this Triton ships no ptxas")
     names = kernels._group_norm_act_kernel.arg_names
-    sig = {"X": "*bf16", "Y": "*bf16", "Wt": "*fp32", "Bs": "*fp32", "ADD": "*fp32", "inv_count": "fp32",
-           "eps": "fp32", "san": "i32", "sac": "i32"}
+    sig = {"X": "*bf16", "RES": "*bf16", "X2": "*bf16", "Y": "*bf16", "S": "*bf16", "Wt": "*fp32", "Bs": "*fp32",
+           "ADD": "*fp32", "inv_count": "fp32", "eps": "fp32", "san": "i32", "sac": "i32"}
     # what Triton's launcher assumes of PyTorch's tensors and of a stride like C: 16-byte alignment
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("X", "Y", "Wt", "Bs", "ADD", "san")}
-    for hw, C in CIFAR_GN:
+    attrs = {(names.index(n),): [["tt.divisibility", 16]]
+             for n in ("X", "RES", "X2", "Y", "S", "Wt", "Bs", "ADD", "san")}
+
+    def cl(hw, c):  # channels_last (sample, position, channel) strides
+        return hw * c, c, 1
+
+    # each GroupNorm shape of the network as the plain kernel (GroupNorm(x + add) + SiLU), and the fused forms
+    # of accel.FoldedUNet: a residual sum normalised and written, and a concatenation with a skip connection
+    cases = [(hw, C, None, False) for hw, C in CIFAR_GN] + [
+        (1024, 128, None, True), (256, 256, None, True), (1024, 384, 128, True), (1024, 256, 128, True),
+        (256, 512, 256, True), (256, 384, 128, True), (16, 512, 256, True)]
+    for hw, C, C2, fused in cases:
+        C1 = C - (C2 or 0)
         bhw, bg, bcpg, warps = kernels.tile_for(hw, C, 32)
-        consts = dict(sxn=hw * C, sxhw=C, sxc=1, syn=hw * C, syhw=C, syc=1,  # channels_last
+        none = (0, 0, 0)
+        sx, sr, s2 = cl(hw, C1), (cl(hw, C1) if fused and not C2 else none), (cl(hw, C2) if C2 else none)
+        ss = cl(hw, C) if fused else none
+        consts = dict(sxn=sx[0], sxhw=sx[1], sxc=sx[2], srn=sr[0], srhw=sr[1], src=sr[2], s2n=s2[0], s2hw=s2[1],
+                      s2c=s2[2], syn=hw * C, syhw=C, syc=1, ssn=ss[0], sshw=ss[1], ssc=ss[2], C1=C1,
                       HW=hw, G=32, CPG=C // 32, BLOCK_HW=bhw, BLOCK_G=bg, BLOCK_CPG=bcpg, HAS_W=True, HAS_B=True,
-                      HAS_ADD=True, ACT=True)
+                      HAS_ADD=True, HAS_RES=fused and not C2, HAS_X2=C2 is not None, HAS_S=fused, ACT=True)
         src = ASTSource(fn=kernels._group_norm_act_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
                         constexprs=consts, attrs=attrs)
         compiled = kernels.triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        # the activation moves in vectors (8 or 16 bytes), not 2-byte scalars
+        # the activation moves in vectors (8 or 16 bytes), not 2-byte scalars (except where a group straddles
+        # the two halves of a concatenation: 12 channels per group, 256 + 128)
         scalar = re.findall(r"(?:ld|st)\.global(?:\.\w+)*\.b16 ", compiled.asm["ptx"])
-        assert not scalar, (hw, C, len(scalar))
+        assert not scalar or (C2 and C1 % (C // 32)), (hw, C, C2, fused, len(scalar))
         ptx = Path(tempfile.mkdtemp()) / "k.ptx"
         ptx.write_text(compiled.asm["ptx"])
         r = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", os.devnull],
@@ -337,4 +398,4 @@ def test_the_kernel_compiles_for_an_h100_without_spilling():
         assert r.returncode == 0, r.stderr[-2000:]
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", r.stderr)]
         regs = [int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)]
-        assert spills and not any(spills) and regs and max(regs) <= 168, (hw, C, r.stderr[-600:])
+        assert spills and not any(spills) and regs and max(regs) <= 168, (hw, C, C2, fused, r.stderr[-600:])
