@@ -88,9 +88,10 @@ SIZES = {
 }
 # ddpm_lib's experiments (not among its defaults, so never its best), by suffix: the Triton GroupNorm(+SiLU)
 # kernel of ddpm_lib.kernels for inference (_tgn), the upsampling convolutions at the low resolution (_sp),
-# the first and last convolutions' 3 channels padded to 8 (_pad), all three (_all), GroupNorm from
+# the first and last convolutions' 3 channels padded to 8 (_pad), all three (_all), all three with the residual
+# sums and skip concatenations folded into the GroupNorms (_fold, accel.FoldedUNet), GroupNorm from
 # per-channel moments (_gnm); each as a compiled mode and its CUDA graph (fast_), in this order of priority
-EXPERIMENTS = {"all": ("infer",), "tgn": ("infer",), "sp": ("infer", "train"), "pad": ("infer", "train"),
+EXPERIMENTS = {"fold": ("infer",), "all": ("infer",), "tgn": ("infer",), "sp": ("infer", "train"), "pad": ("infer", "train"),
                "gnm": ("infer", "train")}
 EXPERIMENT_MODES = tuple(f"{p}_{e}" for e in EXPERIMENTS for p in ("bf16_cl_compile", "fast"))
 ALL_MODES = ["ours:fast", "ours:bf16_cl_compile", "diffusers:bf16_cl_compile", "diffusers:bf16_cl_compile_graph",
@@ -492,7 +493,8 @@ class Run:
                     lines.append(f"{'':<10} {what}: {r[what][:150]}")
         lines.append("* information only: not among the modes the diffusers baseline is taken over (diffusers), an "
                      "experiment not counted as ddpm_lib's best (ddpm_lib, *_tgn: Triton GroupNorm+SiLU kernel, *_sp: "
-                     "sub-pixel upsampling, *_pad: 3 channels padded to 8, *_all: the three, *_gnm: GroupNorm "
+                     "sub-pixel upsampling, *_pad: 3 channels padded to 8, *_all: the three, *_fold: the three with the "
+                     "residual sums folded into the GroupNorms, *_gnm: GroupNorm "
                      "from moments); "
                      "x diff = ratio to diffusers' best of fp32, bf16_cl, bf16_cl_compile (training: in the plain "
                      "PyTorch step; +ddpm_step: diffusers' network in ddpm_lib's step)")
@@ -870,10 +872,10 @@ class Run:
     def settings_for(self, mode: str) -> Dict[str, Any]:
         comp = mode.startswith("bf16_cl_compile") or mode.startswith("fast")
         exp = mode.rsplit("_", 1)[-1] if mode in EXPERIMENT_MODES else ""
-        gn = {"gnm": "moments", "tgn": "triton", "all": "triton"}.get(exp)
+        gn = {"gnm": "moments", "tgn": "triton", "all": "triton", "fold": "triton"}.get(exp)
         return dict(bf16=mode != "fp32", channels_last=mode != "fp32", compile=comp, group_norm=gn,
-                    upsample="subpixel" if exp in ("sp", "all") else None,
-                    pad_channels=8 if exp in ("pad", "all") else None)
+                    upsample="subpixel" if exp in ("sp", "all", "fold") else None,
+                    pad_channels=8 if exp in ("pad", "all", "fold") else None, residual_fold=True if exp == "fold" else None)
 
     def release(self, reset_dynamo: bool) -> None:
         gc.collect()
@@ -893,7 +895,7 @@ class Run:
         return accel.prepare_model(model, self.device, bf16=st["bf16"], channels_last=st["channels_last"],
                                    compile=st["compile"], compile_backend=self.compile_backend(),
                                    group_norm=st["group_norm"], upsample=st["upsample"],
-                                   pad_channels=st["pad_channels"])
+                                   pad_channels=st["pad_channels"], residual_fold=st["residual_fold"])
 
     def train_group(self, net: str, master: nn.Module, mode: str, graph_key: Optional[str]) -> None:
         """Time the training step of ``net`` in ``mode``; with ``graph_key``, also the same step in a CUDA graph."""
@@ -1269,7 +1271,7 @@ class Run:
                                 est=90.0 if kind == "train" else 45.0, check=kind == "infer")
                     # after the inference experiments: the GroupNorm kernel alone (a diagnosis)
                     if kind == "infer" and self.cuda and "infer" in what and {
-                            "ours:fast_tgn", "ours:fast_all", "ours:bf16_cl_compile_tgn", "ours:bf16_cl_compile_all"} & want:
+                            f"ours:{p}_{e}" for p in ("fast", "bf16_cl_compile") for e in ("tgn", "all", "fold")} & want:
                         add("ours", "gn_kernels", "kernel", est=90.0)  # with the autotuning of new shapes
             for mode in ("bf16_cl", "fp32"):
                 for kind in ("train", "infer"):
@@ -1290,7 +1292,7 @@ class Run:
             return (job["est"] + extra) if self.cuda else 2.0
         measured = self.compile_s.get(f"ours:{job['kind']}")
         base = measured if measured is not None else job["est"]
-        if job["mode"].endswith(("_tgn", "_all")) and self.cuda:
+        if job["mode"].endswith(("_tgn", "_all", "_fold")) and self.cuda:
             kmod = sys.modules.get("ddpm_lib.kernels")
             if kmod is None or not kmod.tuned():  # the first network with the kernel times its tiles (~40 s)
                 extra += 40.0

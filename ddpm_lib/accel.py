@@ -36,12 +36,12 @@ import contextlib
 import math
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .unet import ResBlock, Upsample
+from .unet import AttnBlock, ResBlock, UNet, Upsample, _ResAttn
 
 __all__ = [
     "bf16_native",
@@ -64,6 +64,8 @@ __all__ = [
     "set_upsample",
     "ChannelPaddedConv2d",
     "set_channel_padding",
+    "FoldedUNet",
+    "set_residual_fold",
 ]
 
 Auto = Union[bool, str]
@@ -228,7 +230,8 @@ class FastModel:
 def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channels_last: Auto = "auto",
                   compile: Auto = "auto", compile_mode: Optional[str] = None, compile_backend: str = "inductor",
                   fullgraph: bool = False, group_norm: Optional[str] = None,
-                  upsample: Optional[str] = None, pad_channels: Optional[int] = None) -> FastModel:
+                  upsample: Optional[str] = None, pad_channels: Optional[int] = None,
+                  residual_fold: Optional[bool] = None) -> FastModel:
     """Move ``model`` to ``device`` in float32 (its master weights) and set up the fast path.
 
     Args:
@@ -249,6 +252,8 @@ def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channel
             (:func:`set_upsample`; an experiment).
         pad_channels: None (leave the convolutions as they are) or a multiple such as 8: pad the channels of
             the convolutions that have another count (:func:`set_channel_padding`; an experiment).
+        residual_fold: None (leave the model as it is), True or False: fold the U-Net's residual additions and
+            skip concatenations into the GroupNorms that follow them (:func:`set_residual_fold`; an experiment).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -272,6 +277,8 @@ def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channel
         set_upsample(model, upsample)
     if pad_channels is not None:
         set_channel_padding(model, pad_channels)
+    if residual_fold is not None:
+        set_residual_fold(model, residual_fold)
     model = model.to(device).float()
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
@@ -411,6 +418,149 @@ def set_group_norm(model: nn.Module, kind: str = "native") -> int:
             n += 1
         elif type(m) in (ResBlock, TritonResBlock):
             m.__class__ = TritonResBlock if kind == "triton" else ResBlock
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- residual folding
+class _Sum(NamedTuple):
+    """``a + b + bias[:, None, None]``, not computed yet: the next GroupNorm adds it up in its own pass."""
+    a: torch.Tensor
+    b: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+
+def _total(v: Union[torch.Tensor, _Sum]) -> torch.Tensor:
+    """``v`` computed (PyTorch's operators; the compiler fuses them into one pass)."""
+    if isinstance(v, torch.Tensor):
+        return v
+    s = v.a + v.b
+    return s if v.bias is None else s + v.bias.to(s.dtype)[:, None, None]
+
+
+def _norm_in(norm: nn.GroupNorm, v: Union[torch.Tensor, _Sum], act: bool, x2: Optional[torch.Tensor] = None,
+             need_input: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(SiLU(GroupNorm(u)), u)`` (SiLU with ``act``) for ``u = cat([v, x2])``, ``v`` added up in the same pass
+    (:func:`ddpm_lib.kernels.group_norm_act`, which falls back to PyTorch's operators); ``u`` is None unless
+    ``need_input`` or it exists already."""
+    k = _kernels()
+    if isinstance(v, _Sum):
+        a, res, add = v.a, v.b, (None if v.bias is None else v.bias.to(v.a.dtype))
+    else:
+        a, res, add = v, None, None
+    if res is None and x2 is None:
+        return k.group_norm_act(a, norm.num_groups, norm.weight, norm.bias, norm.eps, act=act), a
+    out = k.group_norm_act(a, norm.num_groups, norm.weight, norm.bias, norm.eps, add, act, res=res, x2=x2,
+                           return_input=need_input)
+    return out if need_input else (out, None)
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
+def _conv_nobias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _res_block(blk: ResBlock, v: Union[torch.Tensor, _Sum], emb_act: torch.Tensor,
+               x2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Union[torch.Tensor, _Sum]]:
+    """``(u, out)``: the block's input ``u = cat([v, x2])``, computed by its first GroupNorm's pass, and its output
+    ``skip(u) + conv2(...)`` as a :class:`_Sum` (the convolutions' biases in it), for the next GroupNorm (a block
+    of another kind: its own forward, the output computed)."""
+    skip = blk.skip
+    if not (isinstance(blk, ResBlock) and _plain_conv(blk.conv1) and _plain_conv(blk.conv2)
+            and (type(skip) is nn.Identity or _plain_conv(skip))):
+        u = _total(v) if x2 is None else torch.cat([_total(v), x2], dim=1)
+        return u, blk(u, emb_act)
+    y1, u = _norm_in(blk.norm1, v, True, x2)
+    h = _conv_nobias(blk.conv1, y1)
+    e = blk.emb_proj(emb_act)
+    if blk.conv1.bias is not None:
+        e = e + blk.conv1.bias
+    n2 = blk.norm2
+    h = _conv_nobias(blk.conv2, blk.dropout(_kernels().group_norm_act(h, n2.num_groups, n2.weight, n2.bias, n2.eps,
+                                                                       e, act=True)))
+    bias = blk.conv2.bias
+    if type(skip) is nn.Identity:
+        r = u
+    else:
+        r = _conv_nobias(skip, u)
+        if skip.bias is not None:
+            bias = skip.bias if bias is None else bias + skip.bias
+    return u, _Sum(h, r, bias)
+
+
+def _attn_block(blk: AttnBlock, v: Union[torch.Tensor, _Sum]) -> Tuple[torch.Tensor, Union[torch.Tensor, _Sum]]:
+    """``(u, out)``: the block's input, computed by its GroupNorm's pass, and ``u + proj_out(attention)`` as a
+    :class:`_Sum`."""
+    if type(blk) is not AttnBlock:
+        u = _total(v)
+        return u, blk(u)
+    y, u = _norm_in(blk.norm, v, False)
+    B, C, H, W = u.shape
+    q, k, vv = blk.qkv(y.permute(0, 2, 3, 1).reshape(B, H * W, C)).unsqueeze(1).chunk(3, dim=-1)
+    o = nn.functional.scaled_dot_product_attention(q, k, vv)
+    p = nn.functional.linear(o.reshape(B, H * W, C), blk.proj_out.weight)
+    return u, _Sum(u, p.reshape(B, H, W, C).permute(0, 3, 1, 2), blk.proj_out.bias)
+
+
+class FoldedUNet(UNet):
+    """:class:`ddpm_lib.unet.UNet` (same parameters, same function) whose residual additions and skip
+    concatenations are folded into the GroupNorm that follows them (:func:`ddpm_lib.kernels.group_norm_act`
+    with ``res``, ``x2`` and ``return_input``): a residual block's output ``skip(x) + h`` (and an attention
+    block's ``x + proj_out(...)``) is not written and read back before the next GroupNorm; that GroupNorm adds
+    it up and, where a later layer needs the sum (the skip connections, the 1x1 convolution, the residual), writes
+    it in the same pass. The up path's ``cat([h, skip])`` is formed the same way. Where the kernel does not apply
+    (a CPU, gradients) each step is PyTorch's operators, so the function is the same everywhere. An experiment
+    for inference (:func:`set_residual_fold`)."""
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        emb_act = self._embedding(t, y)
+        h = self.conv_in(x)
+        hs = [h]
+        v: Union[torch.Tensor, _Sum] = h
+        pending = False  # v is a block's output that the skip connections (hs) still need
+        for block in self.down:
+            if isinstance(block, _ResAttn):
+                u, v = _res_block(block.res, v, emb_act)
+                if pending:
+                    hs.append(u)
+                if not isinstance(block.attn, nn.Identity):
+                    _, v = _attn_block(block.attn, v)
+                pending = True
+            else:
+                v = _total(v)
+                if pending:
+                    hs.append(v)
+                v = block(v)
+                hs.append(v)
+                pending = False
+        u, v = _res_block(self.mid.res, v, emb_act)
+        if pending:
+            hs.append(u)
+        if not isinstance(self.mid.attn, nn.Identity):
+            _, v = _attn_block(self.mid.attn, v)
+        _, v = _res_block(self.mid2, v, emb_act)
+        for block in self.up:
+            if isinstance(block, Upsample):
+                v = block(_total(v))
+            else:
+                _, v = _res_block(block.res, v, emb_act, x2=hs.pop())
+                if not isinstance(block.attn, nn.Identity):
+                    _, v = _attn_block(block.attn, v)
+        out, _ = _norm_in(self.norm_out, v, True, need_input=False)
+        return self.conv_out(out)
+
+
+def set_residual_fold(model: nn.Module, on: bool = True) -> int:
+    """Fold the residual additions and skip concatenations of every :class:`ddpm_lib.unet.UNet` in ``model`` into
+    the GroupNorms that follow them (:class:`FoldedUNet`), in place, or (``on=False``) undo it. The parameters
+    are untouched. An experiment for inference. Returns how many networks it set."""
+    n = 0
+    for m in model.modules():
+        if type(m) in (UNet, FoldedUNet):
+            m.__class__ = FoldedUNet if on else UNet
+            n += 1
     return n
 
 

@@ -365,14 +365,17 @@ class UNet(nn.Module):
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+    def _embedding(self, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        """``SiLU(emb)``, what every residual block projects: ``emb = MLP(sinusoid(t)) (+ label_emb(y))``."""
         emb = self.time_mlp(timestep_embedding(t, self.ch))
         if self.label_emb is not None:
             if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+                y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
             emb = emb + self.label_emb(y)
-        emb_act = F.silu(emb)  # every residual block projects SiLU(emb)
+        return F.silu(emb)
 
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        emb_act = self._embedding(t, y)
         h = self.conv_in(x)
         hs = [h]
         for block in self.down:

@@ -391,6 +391,35 @@ def test_set_group_norm_triton_is_the_same_network_where_the_kernel_cannot_run()
     assert not any(type(mod) in (accel.TritonResBlock, accel.TritonGroupNorm) for mod in tri.modules())
 
 
+@pytest.mark.parametrize("preset", ["tiny", "cifar10", "class-conditional"])
+def test_residual_fold_is_the_same_network_where_the_kernel_cannot_run(preset):
+    """set_residual_fold swaps the U-Net's forward in place (same state dict) and back; where the kernel does not
+    run (a CPU without Triton's interpreter, a gradient) the folded residual sums and concatenations are
+    PyTorch's operators: the same values and gradients, with attention (cifar10) and class labels too."""
+    torch.manual_seed(0)
+    kw = dict(ch=16, dropout=0.0) if preset == "tiny" else dict(ch=32, dropout=0.0)  # train mode, no randomness
+    m = UNet.from_preset("tiny" if preset == "tiny" else "cifar10",
+                         **dict(kw, num_classes=5) if preset == "class-conditional" else kw).train()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():  # non-zero everywhere (the paper zero-initialises each branch's last layer)
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    size = 16 if preset == "tiny" else 32
+    x, t = torch.randn(2, 3, size, size, generator=g), torch.tensor([4, 901])
+    folded = copy.deepcopy(m)
+    assert accel.set_residual_fold(folded) == 1 and type(folded) is accel.FoldedUNet
+    assert folded.state_dict().keys() == m.state_dict().keys()
+    if preset == "class-conditional":
+        y = torch.tensor([1, 3])
+        torch.testing.assert_close(folded(x, t, y), m(x, t, y), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(folded(x, t), m(x, t), rtol=1e-4, atol=1e-6)  # the null class
+    _same_values_and_gradients(folded, m, x, t, grad_atol=1e-5)
+    accel.set_residual_fold(folded, False)
+    assert type(folded) is UNet
+    fast = accel.prepare_model(copy.deepcopy(m).eval(), "cpu", compile=False, residual_fold=True)
+    assert type(fast.module) is accel.FoldedUNet
+
+
 # ---------------------------------------------------------------------------------------------- upsampling
 @pytest.mark.parametrize("shape,out_ch,bias", [((2, 5, 4, 6), 7, True), ((1, 3, 1, 1), 3, True),
                                                ((2, 8, 3, 2), 4, False)])

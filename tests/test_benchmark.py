@@ -30,7 +30,7 @@ def test_benchmark_tiny_cpu_writes_json(tmp_path, capsys):
     # ours' fast path (compiled by dynamo's eager backend on the CPU) and fp32; diffusers' bf16 eager and fp32
     out = bench.main(["--device", "cpu", "--size", "tiny", "--out", str(tmp_path), "--budget-s", "45",
                       "--modes", "ours:fast,ours:fp32,ours:trainer,ours:trainer_graph,ours:bf16_cl_compile_gnm,"
-                      "ours:bf16_cl_compile_all,"
+                      "ours:bf16_cl_compile_fold,"
                       "diffusers:bf16_cl,diffusers:fp32",
                       "--loss-check-steps", "4"])
     elapsed = time.perf_counter() - t0
@@ -54,7 +54,7 @@ def test_benchmark_tiny_cpu_writes_json(tmp_path, capsys):
     gnm = modes[("ours", "bf16_cl_compile_gnm")]  # the experiment: listed, never ddpm_lib's best
     assert gnm["experiment"] is True and gnm["train_images_per_s"] > 0 and gnm["infer_images_per_s"] > 0
     assert "gnm" not in data["train_best_mode"] and "gnm" not in data["infer_best_mode"]
-    every = modes[("ours", "bf16_cl_compile_all")]  # inference only (the kernel has no backward)
+    every = modes[("ours", "bf16_cl_compile_fold")]  # every inference experiment (the kernel has no backward)
     assert every["experiment"] is True and every["infer_images_per_s"] > 0 and "train_images_per_s" not in every
     assert every["infer_same_function"] is True and every["infer_rel_err_vs_fp32"] < 2e-2
     graph = modes[("ours", "trainer_graph")]  # through accel.TrainStep; no CUDA here, so no graph

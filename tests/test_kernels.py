@@ -399,3 +399,44 @@ def test_the_kernel_compiles_for_an_h100_without_spilling():
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", r.stderr)]
         regs = [int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)]
         assert spills and not any(spills) and regs and max(regs) <= 168, (hw, C, C2, fused, r.stderr[-600:])
+
+
+@needs_kernel
+def test_the_folded_network_with_the_kernel(monkeypatch):
+    """accel.FoldedUNet with the kernel: every GroupNorm of the paper's CIFAR-10 network (narrowed) is one kernel
+    call, which adds up the residual sums (and forms the up path's concatenations) in its own pass; the function is
+    unchanged in float32, within bf16 tolerance on the fast path with every inference experiment, and the same
+    under torch.compile (fullgraph)."""
+    calls = []
+    launch = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda *a, **k: calls.append(
+        (k.get("res") is not None, k.get("x2") is not None, k.get("return_input", False))) or launch(*a, **k))
+    torch.manual_seed(0)
+    m = UNet.from_preset("cifar10", ch=32).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    m = m.to(DEVICE)
+    x, t = torch.randn(2, 3, 32, 32, generator=g).to(DEVICE), torch.tensor([3, 700], device=DEVICE)
+    norms = sum(isinstance(mod, torch.nn.GroupNorm) for mod in m.modules())
+    folded = copy.deepcopy(m)
+    accel.set_residual_fold(folded)
+    with torch.no_grad():
+        ref = m(x, t)
+        out = folded(x, t)
+    assert len(calls) == norms
+    # down path 6 residual sums, middle 3 and the final GroupNorm's; up path 9 concatenations of a sum, and 3
+    # after an upsampling (no sum); the up path's 3 attention blocks' inputs
+    counts = {k: calls.count(k) for k in set(calls)}
+    assert counts == {(False, False, False): 26, (True, False, True): 12, (True, True, True): 9,
+                      (False, True, True): 3, (True, False, False): 1}, counts
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    fast = accel.prepare_model(copy.deepcopy(m), DEVICE, bf16=True, channels_last=True, compile=False,
+                               group_norm="triton", upsample="subpixel", pad_channels=8, residual_fold=True)
+    with torch.no_grad():
+        o = fast(x, t).float()
+        assert ((o - ref).norm() / ref.norm()).item() < 2e-2
+        comp = torch.compile(folded, backend="inductor" if DEVICE == "cuda" else "eager", fullgraph=True)
+        torch.testing.assert_close(comp(x, t), out, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    torch._dynamo.reset()
