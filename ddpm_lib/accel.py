@@ -511,8 +511,10 @@ class FoldedUNet(UNet):
     block's ``x + proj_out(...)``) is not written and read back before the next GroupNorm; that GroupNorm adds
     it up and, where a later layer needs the sum (the skip connections, the 1x1 convolution, the residual), writes
     it in the same pass. The up path's ``cat([h, skip])`` is formed the same way. Where the kernel does not apply
-    (a CPU, gradients) each step is PyTorch's operators, so the function is the same everywhere. An experiment
-    for inference (:func:`set_residual_fold`)."""
+    (a CPU, gradients) each step is PyTorch's operators, so the function is the same everywhere. Every GroupNorm
+    of the network runs through :func:`ddpm_lib.kernels.group_norm_act`, whatever :func:`set_group_norm` chose,
+    and the residual blocks' first convolution bias and time-embedding term are added in the second GroupNorm's
+    pass as :class:`TritonResBlock` does. An experiment for inference (:func:`set_residual_fold`)."""
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         emb_act = self._embedding(t, y)
