@@ -270,8 +270,8 @@ def _time_tile(tile: Tuple[int, int, int, int], run: Callable[[], Any], device: 
     return best
 
 
-def _tile(x: torch.Tensor, y: torch.Tensor, key: Any, run: Callable[[Tuple[int, int, int, int]], Any],
-          num_groups: int, channels: int, options: Dict[str, Any]) -> Tuple[int, int, int, int]:
+def _tile(x: torch.Tensor, key: Any, run: Callable[[Tuple[int, int, int, int]], Any], num_groups: int,
+          channels: int, options: Dict[str, Any]) -> Tuple[int, int, int, int]:
     """The tile for this call: the one chosen for ``key`` before, else (autotuning) the fastest candidate, timed
     now (writing the outputs, which the caller writes again), else :func:`tile_for`'s."""
     entry = _TUNED.get(key)
@@ -352,7 +352,7 @@ def _launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     options = dict(weight=weight is not None, bias=bias is not None, add=add is not None, act=bool(act),
                    res=res is not None, x2=None if x2 is None else x2.shape[1], return_input=bool(return_input))
     key = (tuple(x.shape), sx, sr, s2, sy, x.dtype, x.device, num_groups, tuple(options.items()))
-    run(tuple(tile) if tile is not None else _tile(x, y, key, run, num_groups, C, options))
+    run(tuple(tile) if tile is not None else _tile(x, key, run, num_groups, C, options))
     return (y, s) if return_input else y
 
 
