@@ -380,21 +380,15 @@ class TritonGroupNorm(nn.GroupNorm):
 class TritonResBlock(ResBlock):
     """:class:`ddpm_lib.unet.ResBlock` (same parameters, same function) whose two GroupNorm+SiLU run as one
     kernel each (:class:`TritonGroupNorm`) where the kernel applies; the first convolution's bias and the
-    time-embedding term are added inside the second kernel instead of in a pass of their own."""
+    time-embedding term are added inside the second kernel instead of in a pass of their own (the block of
+    :class:`FoldedUNet`, with its output added up at once)."""
 
     def forward(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
-        n1, n2, c1 = self.norm1, self.norm2, self.conv1
-        if not (isinstance(n1, TritonGroupNorm) and isinstance(n2, TritonGroupNorm)) \
-                or type(c1) is not nn.Conv2d or c1.padding_mode != "zeros":
+        if not (isinstance(self.norm1, TritonGroupNorm) and isinstance(self.norm2, TritonGroupNorm)
+                and _foldable(self)):
             return super().forward(x, emb_act)
-        # forward_act falls back to PyTorch's operators (same function) wherever the kernel does not apply
-        h = nn.functional.conv2d(n1.forward_act(x), c1.weight, None, c1.stride, c1.padding, c1.dilation,
-                                 c1.groups)
-        e = self.emb_proj(emb_act)
-        if c1.bias is not None:
-            e = e + c1.bias
-        h = self.conv2(self.dropout(n2.forward_act(h, e)))
-        return self.skip(x) + h
+        # the kernel falls back to PyTorch's operators (same function) wherever it does not apply
+        return _total(_res_block(self, x, emb_act)[1])
 
 
 GROUP_NORMS = ("native", "moments", "triton")
@@ -462,14 +456,18 @@ def _conv_nobias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def _foldable(blk: nn.Module) -> bool:
+    """A residual block whose convolutions :func:`_res_block` can run without their biases."""
+    return (isinstance(blk, ResBlock) and _plain_conv(blk.conv1) and _plain_conv(blk.conv2)
+            and (type(blk.skip) is nn.Identity or _plain_conv(blk.skip)))
+
+
 def _res_block(blk: ResBlock, v: Union[torch.Tensor, _Sum], emb_act: torch.Tensor,
                x2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Union[torch.Tensor, _Sum]]:
     """``(u, out)``: the block's input ``u = cat([v, x2])``, computed by its first GroupNorm's pass, and its output
     ``skip(u) + conv2(...)`` as a :class:`_Sum` (the convolutions' biases in it), for the next GroupNorm (a block
     of another kind: its own forward, the output computed)."""
-    skip = blk.skip
-    if not (isinstance(blk, ResBlock) and _plain_conv(blk.conv1) and _plain_conv(blk.conv2)
-            and (type(skip) is nn.Identity or _plain_conv(skip))):
+    if not _foldable(blk):
         u = _total(v) if x2 is None else torch.cat([_total(v), x2], dim=1)
         return u, blk(u, emb_act)
     y1, u = _norm_in(blk.norm1, v, True, x2)
@@ -480,7 +478,7 @@ def _res_block(blk: ResBlock, v: Union[torch.Tensor, _Sum], emb_act: torch.Tenso
     n2 = blk.norm2
     h = _conv_nobias(blk.conv2, blk.dropout(_kernels().group_norm_act(h, n2.num_groups, n2.weight, n2.bias, n2.eps,
                                                                        e, act=True)))
-    bias = blk.conv2.bias
+    bias, skip = blk.conv2.bias, blk.skip
     if type(skip) is nn.Identity:
         r = u
     else:

@@ -364,9 +364,8 @@ if hasattr(torch.library, "custom_op"):  # PyTorch >= 2.4: one opaque operator u
                                add: Optional[torch.Tensor], res: Optional[torch.Tensor], x2: Optional[torch.Tensor],
                                num_groups: int, eps: float, act: bool,
                                return_input: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-            if return_input:
-                return _launch(x, weight, bias, add, num_groups, eps, act, res=res, x2=x2, return_input=True)
-            return _launch(x, weight, bias, add, num_groups, eps, act, res=res, x2=x2), x.new_empty(0)
+            out = _launch(x, weight, bias, add, num_groups, eps, act, res=res, x2=x2, return_input=return_input)
+            return out if return_input else (out, x.new_empty(0))
 
         @_group_norm_act_op.register_fake
         def _(x, weight, bias, add, res, x2, num_groups, eps, act, return_input):
