@@ -157,8 +157,9 @@ def render(data: Dict[str, Any], json_name: str) -> str:
                    "kernel when no gradient is needed (`ddpm_lib.kernels`, `set_group_norm(model, \"triton\")`), "
                    "`_sp` computes each upsampling convolution at the low resolution (`accel.set_upsample`), "
                    "`_pad` pads the first and last convolutions' 3 channels to 8 (`accel.set_channel_padding`), "
-                   "`_all` the three, `_fold` the three with each residual sum and skip concatenation formed by "
-                   "the GroupNorm kernel that follows it (`accel.set_residual_fold`), `_gnm` every GroupNorm from "
+                   "`_all` the three, `_fold` the three with each residual sum and skip concatenation formed, each "
+                   "convolution bias added and each sub-pixel upsampling interleaved by the GroupNorm kernel that "
+                   "follows it (`accel.set_residual_fold`), `_gnm` every GroupNorm from "
                    "per-channel moments.")
         out.append("")
     if st.get("diffusers_baseline_step"):

@@ -89,7 +89,8 @@ SIZES = {
 # ddpm_lib's experiments (not among its defaults, so never its best), by suffix: the Triton GroupNorm(+SiLU)
 # kernel of ddpm_lib.kernels for inference (_tgn), the upsampling convolutions at the low resolution (_sp),
 # the first and last convolutions' 3 channels padded to 8 (_pad), all three (_all), all three with the residual
-# sums and skip concatenations folded into the GroupNorms (_fold, accel.FoldedUNet), GroupNorm from
+# sums, skip concatenations, convolution biases and the sub-pixel upsamplings' interleaving folded into the
+# GroupNorms (_fold, accel.FoldedUNet), GroupNorm from
 # per-channel moments (_gnm); each as a compiled mode and its CUDA graph (fast_), in this order of priority
 EXPERIMENTS = {"fold": ("infer",), "all": ("infer",), "tgn": ("infer",), "sp": ("infer", "train"), "pad": ("infer", "train"),
                "gnm": ("infer", "train")}
@@ -494,7 +495,7 @@ class Run:
         lines.append("* information only: not among the modes the diffusers baseline is taken over (diffusers), an "
                      "experiment not counted as ddpm_lib's best (ddpm_lib, *_tgn: Triton GroupNorm+SiLU kernel, *_sp: "
                      "sub-pixel upsampling, *_pad: 3 channels padded to 8, *_all: the three, *_fold: the three with the "
-                     "residual sums folded into the GroupNorms, *_gnm: GroupNorm "
+                     "residual sums, biases and interleaving folded into the GroupNorms, *_gnm: GroupNorm "
                      "from moments); "
                      "x diff = ratio to diffusers' best of fp32, bf16_cl, bf16_cl_compile (training: in the plain "
                      "PyTorch step; +ddpm_step: diffusers' network in ddpm_lib's step)")
@@ -1294,8 +1295,8 @@ class Run:
         base = measured if measured is not None else job["est"]
         if job["mode"].endswith(("_tgn", "_all", "_fold")) and self.cuda:
             kmod = sys.modules.get("ddpm_lib.kernels")
-            if kmod is None or not kmod.tuned():  # the first network with the kernel times its tiles (~40 s)
-                extra += 40.0
+            if kmod is None or not kmod.tuned():  # the first network with the kernel times its tiles: ~70 candidates
+                extra += 60.0 if job["mode"].endswith("_fold") else 40.0  # (_fold: ~130) at 0.2-0.5 s each
         return base * (0.8 if job["net"] == "diffusers" else 1.0) + 12.0 + extra
 
 

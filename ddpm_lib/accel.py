@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 from torch import nn
 
-from .unet import AttnBlock, ResBlock, UNet, Upsample, _ResAttn
+from .unet import AttnBlock, Downsample, ResBlock, UNet, Upsample, _ResAttn
 
 __all__ = [
     "bf16_native",
@@ -252,8 +252,9 @@ def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channel
             (:func:`set_upsample`; an experiment).
         pad_channels: None (leave the convolutions as they are) or a multiple such as 8: pad the channels of
             the convolutions that have another count (:func:`set_channel_padding`; an experiment).
-        residual_fold: None (leave the model as it is), True or False: fold the U-Net's residual additions and
-            skip concatenations into the GroupNorms that follow them (:func:`set_residual_fold`; an experiment).
+        residual_fold: None (leave the model as it is), True or False: fold the U-Net's residual additions, skip
+            concatenations and convolution biases into the GroupNorms that follow them (:func:`set_residual_fold`;
+            an experiment).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -417,43 +418,85 @@ def set_group_norm(model: nn.Module, kind: str = "native") -> int:
 
 # ---------------------------------------------------------------------------------------------- residual folding
 class _Sum(NamedTuple):
-    """``a + b + bias[:, None, None]``, not computed yet: the next GroupNorm adds it up in its own pass."""
+    """``a + b + bias[:, None, None]`` (``b`` and ``bias`` optional), not computed yet: the next GroupNorm adds it
+    up in its own pass. ``_Sum(a, None, bias)`` is a convolution's output before its bias."""
     a: torch.Tensor
-    b: torch.Tensor
+    b: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
 
 
-def _total(v: Union[torch.Tensor, _Sum]) -> torch.Tensor:
+class _Phases(NamedTuple):
+    """An upsampling's output as its four phases ``z`` (:func:`upsample_conv_subpixel`'s convolution, without its
+    ``bias``), not interleaved yet: the next GroupNorm reads each position from its phase."""
+    z: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+
+_Pending = Union[torch.Tensor, _Sum, _Phases]
+
+
+def _total(v: _Pending) -> torch.Tensor:
     """``v`` computed (PyTorch's operators; the compiler fuses them into one pass)."""
     if isinstance(v, torch.Tensor):
         return v
-    s = v.a + v.b
+    if isinstance(v, _Phases):
+        s = _kernels().subpixel_interleave(v.z)
+    else:
+        s = v.a if v.b is None else v.a + v.b
     return s if v.bias is None else s + v.bias.to(s.dtype)[:, None, None]
 
 
-def _norm_in(norm: nn.GroupNorm, v: Union[torch.Tensor, _Sum], act: bool, x2: Optional[torch.Tensor] = None,
+def _norm_in(norm: nn.GroupNorm, v: _Pending, act: bool, x2: Optional[torch.Tensor] = None,
              need_input: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(SiLU(GroupNorm(u)), u)`` (SiLU with ``act``) for ``u = cat([v, x2])``, ``v`` added up in the same pass
-    (:func:`ddpm_lib.kernels.group_norm_act`, which falls back to PyTorch's operators); ``u`` is None unless
-    ``need_input`` or it exists already."""
+    """``(SiLU(GroupNorm(u)), u)`` (SiLU with ``act``) for ``u = cat([v, x2])``, ``v`` added up (or interleaved)
+    in the same pass (:func:`ddpm_lib.kernels.group_norm_act`, which falls back to PyTorch's operators); ``u`` is
+    None unless ``need_input`` or it exists already."""
     k = _kernels()
-    if isinstance(v, _Sum):
-        a, res, add = v.a, v.b, (None if v.bias is None else v.bias.to(v.a.dtype))
+    res, sub = None, False
+    if isinstance(v, _Phases):
+        a, sub = v.z, True
+    elif isinstance(v, _Sum):
+        a, res = v.a, v.b
     else:
-        a, res, add = v, None, None
-    if res is None and x2 is None:
+        a = v
+    add = None if isinstance(v, torch.Tensor) or v.bias is None else v.bias.to(a.dtype)
+    if res is None and add is None and x2 is None and not sub:
         return k.group_norm_act(a, norm.num_groups, norm.weight, norm.bias, norm.eps, act=act), a
     out = k.group_norm_act(a, norm.num_groups, norm.weight, norm.bias, norm.eps, add, act, res=res, x2=x2,
-                           return_input=need_input)
+                           return_input=need_input, subpixel=sub)
     return out if need_input else (out, None)
 
 
 def _plain_conv(conv: nn.Module) -> bool:
-    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+    return type(conv) in (nn.Conv2d, ChannelPaddedConv2d) and conv.padding_mode == "zeros" \
+        and not isinstance(conv.padding, str)
 
 
 def _conv_nobias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` without its bias (a :func:`_plain_conv`)."""
+    if type(conv) is ChannelPaddedConv2d:
+        return conv.padded_forward(x, None)
     return nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _unadded(conv: nn.Module, x: torch.Tensor) -> _Pending:
+    """``conv(x)``, its bias not added yet where it is a :func:`_plain_conv` (the next GroupNorm adds it)."""
+    if not _plain_conv(conv):
+        return conv(x)
+    return _Sum(_conv_nobias(conv, x), None, conv.bias)
+
+
+def _resample(block: nn.Module, x: torch.Tensor) -> _Pending:
+    """A :class:`ddpm_lib.unet.Downsample` or :class:`ddpm_lib.unet.Upsample` of ``x``, its convolution's bias not
+    added yet (and a :class:`SubpixelUpsample`'s output not interleaved) where that applies; else ``block(x)``."""
+    conv = getattr(block, "conv", None)
+    if type(block) is Downsample and _plain_conv(conv):
+        return _unadded(conv, nn.functional.pad(x, (0, 1, 0, 1)) if block.asymmetric else x)
+    if type(block) is Upsample and _plain_conv(conv):
+        return _unadded(conv, nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    if type(block) is SubpixelUpsample and block.applies():
+        return _Phases(upsample_phases(x, conv.weight), conv.bias)
+    return block(x)
 
 
 def _foldable(blk: nn.Module) -> bool:
@@ -462,8 +505,8 @@ def _foldable(blk: nn.Module) -> bool:
             and (type(blk.skip) is nn.Identity or _plain_conv(blk.skip)))
 
 
-def _res_block(blk: ResBlock, v: Union[torch.Tensor, _Sum], emb_act: torch.Tensor,
-               x2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Union[torch.Tensor, _Sum]]:
+def _res_block(blk: ResBlock, v: _Pending, emb_act: torch.Tensor,
+               x2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, _Pending]:
     """``(u, out)``: the block's input ``u = cat([v, x2])``, computed by its first GroupNorm's pass, and its output
     ``skip(u) + conv2(...)`` as a :class:`_Sum` (the convolutions' biases in it), for the next GroupNorm (a block
     of another kind: its own forward, the output computed)."""
@@ -488,7 +531,7 @@ def _res_block(blk: ResBlock, v: Union[torch.Tensor, _Sum], emb_act: torch.Tenso
     return u, _Sum(h, r, bias)
 
 
-def _attn_block(blk: AttnBlock, v: Union[torch.Tensor, _Sum]) -> Tuple[torch.Tensor, Union[torch.Tensor, _Sum]]:
+def _attn_block(blk: AttnBlock, v: _Pending) -> Tuple[torch.Tensor, _Pending]:
     """``(u, out)``: the block's input, computed by its GroupNorm's pass, and ``u + proj_out(attention)`` as a
     :class:`_Sum`."""
     if type(blk) is not AttnBlock:
@@ -508,7 +551,9 @@ class FoldedUNet(UNet):
     with ``res``, ``x2`` and ``return_input``): a residual block's output ``skip(x) + h`` (and an attention
     block's ``x + proj_out(...)``) is not written and read back before the next GroupNorm; that GroupNorm adds
     it up and, where a later layer needs the sum (the skip connections, the 1x1 convolution, the residual), writes
-    it in the same pass. The up path's ``cat([h, skip])`` is formed the same way. Where the kernel does not apply
+    it in the same pass. The up path's ``cat([h, skip])`` is formed the same way, and so are the first convolution's,
+    the downsamplings' and the upsamplings' outputs: their biases are added (and a :class:`SubpixelUpsample`'s
+    four phases interleaved, :func:`set_upsample`) by the GroupNorm that reads them. Where the kernel does not apply
     (a CPU, gradients) each step is PyTorch's operators, so the function is the same everywhere. Every GroupNorm
     of the network runs through :func:`ddpm_lib.kernels.group_norm_act`, whatever :func:`set_group_norm` chose,
     and the residual blocks' first convolution bias and time-embedding term are added in the second GroupNorm's
@@ -516,10 +561,9 @@ class FoldedUNet(UNet):
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         emb_act = self._embedding(t, y)
-        h = self.conv_in(x)
-        hs = [h]
-        v: Union[torch.Tensor, _Sum] = h
-        pending = False  # v is a block's output that the skip connections (hs) still need
+        v = _unadded(self.conv_in, x)
+        hs: List[torch.Tensor] = []
+        pending = True  # v is an output that the skip connections (hs) still need
         for block in self.down:
             if isinstance(block, _ResAttn):
                 u, v = _res_block(block.res, v, emb_act)
@@ -532,9 +576,8 @@ class FoldedUNet(UNet):
                 v = _total(v)
                 if pending:
                     hs.append(v)
-                v = block(v)
-                hs.append(v)
-                pending = False
+                v = _resample(block, v)
+                pending = True
         u, v = _res_block(self.mid.res, v, emb_act)
         if pending:
             hs.append(u)
@@ -543,7 +586,7 @@ class FoldedUNet(UNet):
         _, v = _res_block(self.mid2, v, emb_act)
         for block in self.up:
             if isinstance(block, Upsample):
-                v = block(_total(v))
+                v = _resample(block, _total(v))
             else:
                 _, v = _res_block(block.res, v, emb_act, x2=hs.pop())
                 if not isinstance(block.attn, nn.Identity):
@@ -553,8 +596,9 @@ class FoldedUNet(UNet):
 
 
 def set_residual_fold(model: nn.Module, on: bool = True) -> int:
-    """Fold the residual additions and skip concatenations of every :class:`ddpm_lib.unet.UNet` in ``model`` into
-    the GroupNorms that follow them (:class:`FoldedUNet`), in place, or (``on=False``) undo it. The parameters
+    """Fold the residual additions, skip concatenations and convolution biases (and the interleaving of a
+    :class:`SubpixelUpsample`'s phases) of every :class:`ddpm_lib.unet.UNet` in ``model`` into the GroupNorms that
+    follow them (:class:`FoldedUNet`), in place, or (``on=False``) undo it. The parameters
     are untouched. An experiment for inference. Returns how many networks it set."""
     n = 0
     for m in model.modules():
@@ -584,32 +628,35 @@ def upsample_conv_subpixel(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     """
     if weight.shape[-2:] != (3, 3):
         raise ValueError(f"a 3x3 kernel is needed, got {tuple(weight.shape)}")
-    B, _, H, W = x.shape
+    out = _kernels().subpixel_interleave(upsample_phases(x, weight))
+    return out if bias is None else out + bias.to(out.dtype)[:, None, None]
+
+
+def upsample_phases(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The four phases of :func:`upsample_conv_subpixel` (without bias) before they are interleaved: one 2x2
+    convolution with ``4 * O`` outputs and padding 1, ``(B, C, H, W)`` -> ``(B, 4 O, H + 1, W + 1)``
+    (:func:`ddpm_lib.kernels.subpixel_interleave`)."""
     O = weight.shape[0]
     taps = torch.tensor(_SUBPIXEL_TAPS, dtype=weight.dtype, device=weight.device)  # (phase, 2, 3)
     k = torch.einsum("asy,oiyx,btx->aboist", taps, weight, taps).reshape(4 * O, weight.shape[1], 2, 2)
-    z = nn.functional.conv2d(x, k, None if bias is None else bias.repeat(4), padding=1)  # (B, 4 O, H+1, W+1)
-    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    out = torch.empty((B, O, 2 * H, 2 * W), dtype=z.dtype, device=z.device,
-                      memory_format=torch.channels_last if cl else torch.contiguous_format)
-    for a in (0, 1):
-        for b in (0, 1):
-            p = 2 * a + b
-            out[:, :, a::2, b::2] = z[:, p * O:(p + 1) * O, a:a + H, b:b + W]
-    return out
+    return nn.functional.conv2d(x, k, None, padding=1)
 
 
 class SubpixelUpsample(Upsample):
     """:class:`ddpm_lib.unet.Upsample` (same parameters, same function) computed by
     :func:`upsample_conv_subpixel`: its convolution at the low resolution, 4/9 of the work."""
 
-    def forward(self, x: torch.Tensor, emb_act: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def applies(self) -> bool:
+        """Whether the convolution is one that :func:`upsample_conv_subpixel` computes (3x3, padding 1)."""
         conv = self.conv
-        if type(conv) is not nn.Conv2d or conv.kernel_size != (3, 3) or conv.padding != (1, 1) \
-                or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 \
-                or conv.padding_mode != "zeros":
+        return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+                and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+                and conv.padding_mode == "zeros")
+
+    def forward(self, x: torch.Tensor, emb_act: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not self.applies():
             return super().forward(x, emb_act)
-        return upsample_conv_subpixel(x, conv.weight, conv.bias)
+        return upsample_conv_subpixel(x, self.conv.weight, self.conv.bias)
 
 
 UPSAMPLES = ("nearest", "subpixel")
@@ -641,12 +688,16 @@ class ChannelPaddedConv2d(nn.Conv2d):
     pad_multiple = 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.padded_forward(x, self.bias)
+
+    def padded_forward(self, x: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        """The convolution of ``x`` with this module's weight and the bias ``b`` (None: none), padded."""
         m = self.pad_multiple
         O, I = self.out_channels, self.in_channels
         pi, po = -I % m, -O % m
         if self.groups != 1 or self.padding_mode != "zeros" or not (pi or po) or x.dim() != 4:
-            return super().forward(x)
-        w, b = self.weight, self.bias
+            return self._conv_forward(x, self.weight, b)
+        w = self.weight
         if pi:
             w = nn.functional.pad(w, (0, 0, 0, 0, 0, pi))
             x = nn.functional.pad(x, (0, 0, 0, 0, 0, pi))  # keeps x's memory format

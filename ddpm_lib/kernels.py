@@ -19,6 +19,10 @@ activation of ``x``'s shape added to it (a residual connection: ``x + res + add`
 written first, and ``return_input=True`` writes it in the same pass for the layers that need it), and ``x2``,
 channels appended after ``x``'s (the U-Net's concatenation of the upsampling path with a skip connection: the
 groups span both, and ``return_input=True`` writes the concatenation for the residual block's 1x1 convolution).
+With ``subpixel=True``, ``x`` is the output of the low-resolution convolution of
+:func:`ddpm_lib.accel.upsample_conv_subpixel` (its four phases as channel blocks, :func:`subpixel_interleave`),
+and the kernel reads each position of the upsampled activation from its phase: the interleaved activation is
+never written (its convolution's bias goes in as ``add``).
 
 Which tile is fastest depends on the card and the shape, and no GPU was at hand when the tile rule
 (:func:`tile_for`) was written: so on CUDA, the first call of each new shape (and memory format, dtype and
@@ -45,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["MAX_TILE", "available", "supported", "group_norm_act", "group_norm_act_reference", "tile_for",
-           "candidates", "set_autotune", "tuned"]
+           "candidates", "set_autotune", "tuned", "subpixel_interleave"]
 
 try:
     import triton
@@ -133,6 +137,30 @@ def tuned() -> List[Dict[str, Any]]:
     return [dict(v, tile=list(v["tile"])) for v in _TUNED.values()]
 
 
+def subpixel_interleave(z: torch.Tensor) -> torch.Tensor:
+    """The ``(N, C, 2H, 2W)`` activation whose four phases ``z (N, 4 C, H+1, W+1)`` holds: pixel ``(2i+a, 2j+b)``
+    is ``z[:, p C:(p+1) C, i+a, j+b]`` with ``p = 2a + b`` (the layout of
+    :func:`ddpm_lib.accel.upsample_conv_subpixel`'s convolution), in ``z``'s memory format."""
+    N, C4, Hz, Wz = z.shape
+    if C4 % 4 or Hz < 2 or Wz < 2:
+        raise ValueError(f"z must be (N, 4 C, H + 1, W + 1), got {tuple(z.shape)}")
+    C, H, W = C4 // 4, Hz - 1, Wz - 1
+    cl = not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last)
+    out = torch.empty((N, C, 2 * H, 2 * W), dtype=z.dtype, device=z.device,
+                      memory_format=torch.channels_last if cl else torch.contiguous_format)
+    for a in (0, 1):
+        for b in (0, 1):
+            p = 2 * a + b
+            out[:, :, a::2, b::2] = z[:, p * C:(p + 1) * C, a:a + H, b:b + W]
+    return out
+
+
+def _logical_shape(x: torch.Tensor, subpixel: bool) -> Tuple[int, int, int, int]:
+    """``(N, C1, H, W)`` of the activation ``x`` stands for (its four phases with ``subpixel``)."""
+    N, C, H, W = x.shape
+    return (N, C // 4, 2 * (H - 1), 2 * (W - 1)) if subpixel else (N, C, H, W)
+
+
 def _spatial_ok(t: torch.Tensor) -> bool:
     """4-D with the two spatial dimensions in one stride (one index over ``H*W`` positions)."""
     return t.ndim == 4 and (t.shape[2] <= 1 or t.stride(2) == t.shape[3] * t.stride(3))
@@ -140,15 +168,17 @@ def _spatial_ok(t: torch.Tensor) -> bool:
 
 def supported(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
               bias: Optional[torch.Tensor] = None, add: Optional[torch.Tensor] = None,
-              res: Optional[torch.Tensor] = None, x2: Optional[torch.Tensor] = None) -> bool:
+              res: Optional[torch.Tensor] = None, x2: Optional[torch.Tensor] = None, subpixel: bool = False) -> bool:
     """Whether :func:`group_norm_act` runs the kernel for these arguments."""
     if triton is None or x.ndim != 4 or x.dtype not in _DTYPES:
+        return False
+    if subpixel and (x.shape[1] % 4 or x.shape[2] < 2 or x.shape[3] < 2 or res is not None):
         return False
     if not (x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu")):
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, add, res, x2)):
         return False
-    N, C1, H, W = x.shape
+    N, C1, H, W = _logical_shape(x, subpixel)
     C = C1 + (x2.shape[1] if x2 is not None and x2.ndim == 4 else 0)
     if C % num_groups or N == 0 or H * W == 0 or not _spatial_ok(x):
         return False
@@ -169,10 +199,13 @@ def group_norm_act_reference(x: torch.Tensor, num_groups: int, weight: Optional[
                              bias: Optional[torch.Tensor] = None, eps: float = 1e-5,
                              add: Optional[torch.Tensor] = None, act: bool = False, *,
                              res: Optional[torch.Tensor] = None, x2: Optional[torch.Tensor] = None,
-                             return_input: bool = False):
+                             return_input: bool = False, subpixel: bool = False):
     """The function the kernel computes, in PyTorch operators: with ``v = cat([x + res + add[..., None, None],
     x2], dim=1)`` (each of ``res``, ``add``, ``x2`` optional; ``add`` is ``(N, C1)`` or ``(C1,)`` for ``x``'s
-    ``C1`` channels), ``SiLU(GroupNorm(v))`` (SiLU only with ``act``), and ``v`` too with ``return_input``."""
+    ``C1`` channels; with ``subpixel``, ``x`` is first :func:`subpixel_interleave` of the ``x`` given),
+    ``SiLU(GroupNorm(v))`` (SiLU only with ``act``), and ``v`` too with ``return_input``."""
+    if subpixel:
+        x = subpixel_interleave(x)
     if res is not None:
         x = x + res
     if add is not None:
@@ -194,13 +227,16 @@ if triton is not None:
                                HW: tl.constexpr, G: tl.constexpr, CPG: tl.constexpr, BLOCK_HW: tl.constexpr,
                                BLOCK_G: tl.constexpr, BLOCK_CPG: tl.constexpr, HAS_W: tl.constexpr,
                                HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_RES: tl.constexpr,
-                               HAS_X2: tl.constexpr, HAS_S: tl.constexpr, ACT: tl.constexpr):
+                               HAS_X2: tl.constexpr, HAS_S: tl.constexpr, ACT: tl.constexpr,
+                               SUBPIXEL: tl.constexpr, WO: tl.constexpr, WZ: tl.constexpr):
         # one program: sample n, groups g0 .. g0 + BLOCK_G - 1, all HW positions; tile (BLOCK_HW, BLOCK_G, BLOCK_CPG).
         # The activations' strides are compile-time constants (one compilation per shape and memory format), so
         # that the compiler sees a channels_last group's channels lie together and loads them as vectors.
         # programs next to each other in the launch order take neighbouring groups of one sample, so that the
         # memory sectors they share (channels_last: a position's channels lie together) meet in L2.
-        # Channels c < C1 are x (+ res + add), channels c >= C1 are x2's channel c - C1.
+        # Channels c < C1 are x (+ res + add), channels c >= C1 are x2's channel c - C1. With SUBPIXEL, X holds the
+        # four phases of an upsampled activation of width WO (subpixel_interleave): position (h, w) of phase
+        # p = 2 (h % 2) + w % 2 is X's position (h // 2 + h % 2, w // 2 + w % 2) of a row of WZ, channels p C1 + c.
         blocks: tl.constexpr = (G + BLOCK_G - 1) // BLOCK_G
         pid = tl.program_id(0)
         n = (pid // blocks).to(tl.int64)
@@ -215,7 +251,13 @@ if triton is not None:
         else:
             cmask1 = cmask
         mask1 = (hw < HW)[:, None, None] & cmask1[None, :, :]
-        x = tl.load(X + n * sxn + hw[:, None, None] * sxhw + c[None, :, :] * sxc, mask=mask1, other=0.0)
+        if SUBPIXEL:
+            hh = hw // WO
+            ww = hw % WO
+            xoff = ((hh // 2 + hh % 2) * WZ + ww // 2 + ww % 2) * sxhw + ((hh % 2) * 2 + ww % 2) * (C1 * sxc)
+        else:
+            xoff = hw * sxhw
+        x = tl.load(X + n * sxn + xoff[:, None, None] + c[None, :, :] * sxc, mask=mask1, other=0.0)
         x = x.to(tl.float32)
         if HAS_RES:
             x += tl.load(RES + n * srn + hw[:, None, None] * srhw + c[None, :, :] * src, mask=mask1,
@@ -271,14 +313,13 @@ def _time_tile(tile: Tuple[int, int, int, int], run: Callable[[], Any], device: 
 
 
 def _tile(x: torch.Tensor, key: Any, run: Callable[[Tuple[int, int, int, int]], Any], num_groups: int,
-          channels: int, options: Dict[str, Any]) -> Tuple[int, int, int, int]:
+          channels: int, hw: int, options: Dict[str, Any]) -> Tuple[int, int, int, int]:
     """The tile for this call: the one chosen for ``key`` before, else (autotuning) the fastest candidate, timed
     now (writing the outputs, which the caller writes again), else :func:`tile_for`'s."""
     entry = _TUNED.get(key)
     if entry is not None:
         return entry["tile"]
-    N, _, H, W = x.shape
-    cands = candidates(H * W, channels, num_groups)
+    cands = candidates(hw, channels, num_groups)
     if len(cands) < 2 or not _autotune_on(x):
         return cands[0]
     ms: List[Optional[float]] = []
@@ -295,18 +336,20 @@ def _tile(x: torch.Tensor, key: Any, run: Callable[[Tuple[int, int, int, int]], 
     return tile
 
 
-def _outputs(x: torch.Tensor, x2: Optional[torch.Tensor], return_input: bool):
+def _outputs(x: torch.Tensor, x2: Optional[torch.Tensor], return_input: bool, subpixel: bool = False):
     """The kernel's outputs, empty: ``y`` and (``return_input``) the normalised input, in ``x``'s dtype and memory
-    format (its strides where there is no ``x2``; else channels_last or contiguous, as ``x`` is), else None."""
-    if x2 is None:
+    format (its strides where there is neither ``x2`` nor ``subpixel``; else channels_last or contiguous, as
+    ``x`` is), else None."""
+    if x2 is None and not subpixel:
         y = torch.empty_like(x)
         return y, (torch.empty_like(x) if return_input else None)
-    N, C1, H, W = x.shape
+    N, C1, H, W = _logical_shape(x, subpixel)
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     fmt = torch.channels_last if cl else torch.contiguous_format
 
     def new() -> torch.Tensor:
-        return torch.empty((N, C1 + x2.shape[1], H, W), dtype=x.dtype, device=x.device, memory_format=fmt)
+        return torch.empty((N, C1 + (0 if x2 is None else x2.shape[1]), H, W), dtype=x.dtype, device=x.device,
+                           memory_format=fmt)
     return new(), (new() if return_input else None)
 
 
@@ -318,14 +361,14 @@ def _strides(t: Optional[torch.Tensor]) -> Tuple[int, int, int]:
 def _launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             add: Optional[torch.Tensor], num_groups: int, eps: float, act: bool,
             tile: Optional[Tuple[int, int, int, int]] = None, *, res: Optional[torch.Tensor] = None,
-            x2: Optional[torch.Tensor] = None, return_input: bool = False):
+            x2: Optional[torch.Tensor] = None, return_input: bool = False, subpixel: bool = False):
     """The kernel (arguments as :func:`group_norm_act`'s, already :func:`supported`) with ``tile``, or with the
     tile chosen for this shape (:func:`_tile`) when ``tile`` is None. Returns ``y``, or ``(y, input)``."""
-    N, C1, H, W = x.shape
+    N, C1, H, W = _logical_shape(x, subpixel)
     C = C1 + (x2.shape[1] if x2 is not None else 0)
     hw = H * W
     cpg = C // num_groups
-    y, s = _outputs(x, x2, return_input)
+    y, s = _outputs(x, x2, return_input, subpixel)
     if add is not None and add.ndim == 1:
         add = add.reshape(1, C1).expand(N, C1)
     # the kernel reads weight and bias with stride 1
@@ -346,13 +389,15 @@ def _launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
             syn=sy[0], syhw=sy[1], syc=sy[2], ssn=ss[0], sshw=ss[1], ssc=ss[2], C1=C1,
             HW=hw, G=num_groups, CPG=cpg, BLOCK_HW=bhw, BLOCK_G=bg, BLOCK_CPG=bcpg, HAS_W=weight is not None,
             HAS_B=bias is not None, HAS_ADD=add is not None, HAS_RES=res is not None, HAS_X2=x2 is not None,
-            HAS_S=s is not None, ACT=bool(act), num_warps=warps)
+            HAS_S=s is not None, ACT=bool(act), SUBPIXEL=bool(subpixel), WO=W if subpixel else 1,
+            WZ=x.shape[3] if subpixel else 1, num_warps=warps)
 
     # one tile per shape, memory formats, dtype, device and options (the compiled kernel's constants, and the batch)
     options = dict(weight=weight is not None, bias=bias is not None, add=add is not None, act=bool(act),
-                   res=res is not None, x2=None if x2 is None else x2.shape[1], return_input=bool(return_input))
+                   res=res is not None, x2=None if x2 is None else x2.shape[1], return_input=bool(return_input),
+                   subpixel=bool(subpixel))
     key = (tuple(x.shape), sx, sr, s2, sy, x.dtype, x.device, num_groups, tuple(options.items()))
-    run(tuple(tile) if tile is not None else _tile(x, key, run, num_groups, C, options))
+    run(tuple(tile) if tile is not None else _tile(x, key, run, num_groups, C, hw, options))
     return (y, s) if return_input else y
 
 
@@ -362,14 +407,15 @@ if hasattr(torch.library, "custom_op"):  # PyTorch >= 2.4: one opaque operator u
         @torch.library.custom_op("ddpm_lib::group_norm_act", mutates_args=())
         def _group_norm_act_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                                add: Optional[torch.Tensor], res: Optional[torch.Tensor], x2: Optional[torch.Tensor],
-                               num_groups: int, eps: float, act: bool,
-                               return_input: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-            out = _launch(x, weight, bias, add, num_groups, eps, act, res=res, x2=x2, return_input=return_input)
+                               num_groups: int, eps: float, act: bool, return_input: bool,
+                               subpixel: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+            out = _launch(x, weight, bias, add, num_groups, eps, act, res=res, x2=x2, return_input=return_input,
+                          subpixel=subpixel)
             return out if return_input else (out, x.new_empty(0))
 
         @_group_norm_act_op.register_fake
-        def _(x, weight, bias, add, res, x2, num_groups, eps, act, return_input):
-            y, s = _outputs(x, x2, return_input)
+        def _(x, weight, bias, add, res, x2, num_groups, eps, act, return_input, subpixel):
+            y, s = _outputs(x, x2, return_input, subpixel)
             return y, (s if s is not None else x.new_empty(0))
     except Exception:  # noqa: BLE001 (already registered by an earlier import of this file under another name)
         _OP = getattr(getattr(torch.ops, "ddpm_lib", None), "group_norm_act", None)
@@ -380,18 +426,22 @@ if hasattr(torch.library, "custom_op"):  # PyTorch >= 2.4: one opaque operator u
 def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                    bias: Optional[torch.Tensor] = None, eps: float = 1e-5, add: Optional[torch.Tensor] = None,
                    act: bool = False, *, res: Optional[torch.Tensor] = None, x2: Optional[torch.Tensor] = None,
-                   return_input: bool = False):
+                   return_input: bool = False, subpixel: bool = False):
     """``SiLU(GroupNorm(v))`` (SiLU with ``act``) of ``v = cat([x + res + add, x2], dim=1)`` (``res``, ``add``
-    and ``x2`` optional): the Triton kernel where :func:`supported`, else :func:`group_norm_act_reference`.
+    and ``x2`` optional; with ``subpixel``, ``x`` is the four phases of the activation, ``(N, 4 C1, H/2 + 1,
+    W/2 + 1)``, :func:`subpixel_interleave`): the Triton kernel where :func:`supported`, else
+    :func:`group_norm_act_reference`.
     Returns the result, and ``v`` too with ``return_input`` (``(y, v)``). Shapes: ``x (N, C1, H, W)``, ``res``
     as ``x``, ``add (N, C1)`` or ``(C1,)``, ``x2 (N, C2, H, W)``, ``weight, bias (C1 + C2,)`` ->
     ``(N, C1 + C2, H, W)``. The kernel returns ``x``'s dtype and memory format; the reference follows PyTorch's
     own rules (``x + add`` promotes bfloat16 to a float32 ``add``'s dtype, and GroupNorm under CUDA autocast
     returns float32), so that its dtype can differ: the values do not."""
-    if not supported(x, num_groups, weight, bias, add, res, x2):
+    if not supported(x, num_groups, weight, bias, add, res, x2, subpixel):
         return group_norm_act_reference(x, num_groups, weight, bias, eps, add, act, res=res, x2=x2,
-                                        return_input=return_input)
+                                        return_input=return_input, subpixel=subpixel)
     if _OP is not None:
-        y, v = _OP(x, weight, bias, add, res, x2, num_groups, float(eps), bool(act), bool(return_input))
+        y, v = _OP(x, weight, bias, add, res, x2, num_groups, float(eps), bool(act), bool(return_input),
+                   bool(subpixel))
         return (y, v) if return_input else y
-    return _launch(x, weight, bias, add, num_groups, eps, act, res=res, x2=x2, return_input=return_input)
+    return _launch(x, weight, bias, add, num_groups, eps, act, res=res, x2=x2, return_input=return_input,
+                   subpixel=subpixel)

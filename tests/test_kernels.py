@@ -135,6 +135,57 @@ def test_a_residual_sum_and_a_concatenation_in_the_same_pass(dtype, channels_las
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+def test_an_upsampling_read_from_its_four_phases(dtype, channels_last):
+    """subpixel=True: the kernel reads the upsampled activation from the four phases of
+    accel.upsample_conv_subpixel's convolution (its bias as add), alone or concatenated with a skip connection,
+    returning the interleaved input too: against float64 PyTorch, and the same as the interleaved activation."""
+    g = torch.Generator().manual_seed(12)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype).contiguous(memory_format=fmt)
+
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    for N, C1, C2, H, W, G in [(2, 16, 16, 4, 4, 8), (2, 8, 4, 3, 5, 4), (3, 64, 32, 8, 8, 32)]:
+        z, x2 = t(N, 4 * C1, H + 1, W + 1), t(N, C2, 2 * H, 2 * W)
+        w, b = (torch.randn(C1 + C2, generator=g).to(DEVICE) for _ in range(2))
+        add = torch.randn(C1, generator=g).to(DEVICE)
+        x = kernels.subpixel_interleave(z)
+        assert x.shape == (N, C1, 2 * H, 2 * W) and x.is_contiguous(memory_format=fmt)
+        for kw in [dict(add=add, act=True), dict(add=add, act=True, x2=x2, return_input=True),
+                   dict(act=False, return_input=True)]:
+            ww, bb = (w, b) if "x2" in kw else (w[:C1], b[:C1])
+            a = kw.pop("add", None)
+            assert kernels.supported(z, G, ww, bb, a, None, kw.get("x2"), subpixel=True), kw.keys()
+            with torch.no_grad():
+                out = kernels.group_norm_act(z, G, ww, bb, 1e-6, a, subpixel=True, **kw)
+                same = kernels.group_norm_act(x, G, ww, bb, 1e-6, a, **kw)
+            ref = _reference64(z, G, ww, bb, 1e-6, a, subpixel=True, **kw)
+            outs, refs, sames = (out, ref, same) if kw.get("return_input") else ((out,), (ref,), (same,))
+            for o, r, o2 in zip(outs, refs, sames):
+                assert o.dtype == dtype and o.shape == r.shape, kw.keys()
+                assert o.is_contiguous(memory_format=fmt), kw.keys()
+                err = (o.double() - r).abs().max().item()
+                assert err <= tol * r.abs().max().item() + 1e-6, (kw.keys(), err)
+                torch.testing.assert_close(o, o2, rtol=0, atol=0)  # the same arithmetic, the same values
+    # what the kernel does not take: PyTorch's operators, the same function
+    z = t(2, 16, 3, 3)
+    assert not kernels.supported(z, 4, res=t(2, 4, 4, 4), subpixel=True)
+    assert not kernels.supported(t(2, 10, 3, 3), 2, subpixel=True)
+    res = t(2, 4, 4, 4)
+    with torch.no_grad():
+        y, v = kernels.group_norm_act(z, 2, act=True, res=res, return_input=True, subpixel=True)
+    ry, rv = _reference64(z, 2, None, None, 1e-5, None, True, res=res, return_input=True, subpixel=True)
+    assert y.shape == v.shape == (2, 4, 4, 4)
+    for o, r in ((y, ry), (v, rv)):
+        assert (o.double() - r).abs().max().item() <= tol * r.abs().max().item() + 1e-6
+    with pytest.raises(ValueError):
+        kernels.subpixel_interleave(t(2, 6, 3, 3))
+
+
+@needs_kernel
 def test_where_the_kernel_does_not_apply_it_is_not_used():
     """A gradient to compute, a group larger than MAX_TILE, a 3-D input: PyTorch's operators, same function."""
     g = torch.Generator().manual_seed(1)
@@ -213,7 +264,7 @@ def test_the_autotuner_keeps_the_fastest_tile(monkeypatch):
         assert tuple(entry["tile"]) == cands[2] and entry["candidates"] == [list(c) for c in cands]
         assert entry["ms"][1] is None and entry["ms"][2] == 1.0 and entry["ms"][0] == 2.0
         assert entry["shape"] == [N, C, H, W] and entry["options"] == dict(
-            weight=True, bias=True, add=True, act=True, res=False, x2=None, return_input=False)
+            weight=True, bias=True, add=True, act=True, res=False, x2=None, return_input=False, subpixel=False)
         y2 = kernels.group_norm_act(x, G, w, b, 1e-6, add, act=True)
         assert len(timed) == len(cands)  # the same shape again: the chosen tile, no timing
         for out in [y, y2] + [kernels._launch(x, w, b, add, G, 1e-6, True, tile=t) for t in cands]:
@@ -370,27 +421,33 @@ def test_the_kernel_compiles_for_an_h100_without_spilling():
         return hw * c, c, 1
 
     # each GroupNorm shape of the network as the plain kernel (GroupNorm(x + add) + SiLU), and the fused forms
-    # of accel.FoldedUNet: a residual sum normalised and written, and a concatenation with a skip connection
-    cases = [(hw, C, None, False) for hw, C in CIFAR_GN] + [
-        (1024, 128, None, True), (256, 256, None, True), (1024, 384, 128, True), (1024, 256, 128, True),
-        (256, 512, 256, True), (256, 384, 128, True), (16, 512, 256, True)]
-    for hw, C, C2, fused in cases:
+    # of accel.FoldedUNet: a residual sum normalised and written, a concatenation with a skip connection, and the
+    # concatenation of an upsampling read from its four phases (subpixel) with a skip connection
+    cases = [(hw, C, None, False, False) for hw, C in CIFAR_GN] + [
+        (1024, 128, None, True, False), (256, 256, None, True, False), (1024, 384, 128, True, False),
+        (1024, 256, 128, True, False), (256, 512, 256, True, False), (256, 384, 128, True, False),
+        (16, 512, 256, True, False), (1024, 384, 128, True, True), (256, 512, 256, True, True),
+        (64, 512, 256, True, True)]
+    for hw, C, C2, fused, sub in cases:
         C1 = C - (C2 or 0)
         bhw, bg, bcpg, warps = kernels.tile_for(hw, C, 32)
         none = (0, 0, 0)
-        sx, sr, s2 = cl(hw, C1), (cl(hw, C1) if fused and not C2 else none), (cl(hw, C2) if C2 else none)
+        W = int(round(hw ** 0.5))
+        sx = ((W // 2 + 1) ** 2 * 4 * C1, 4 * C1, 1) if sub else cl(hw, C1)
+        sr, s2 = (cl(hw, C1) if fused and not C2 else none), (cl(hw, C2) if C2 else none)
         ss = cl(hw, C) if fused else none
         consts = dict(sxn=sx[0], sxhw=sx[1], sxc=sx[2], srn=sr[0], srhw=sr[1], src=sr[2], s2n=s2[0], s2hw=s2[1],
                       s2c=s2[2], syn=hw * C, syhw=C, syc=1, ssn=ss[0], sshw=ss[1], ssc=ss[2], C1=C1,
                       HW=hw, G=32, CPG=C // 32, BLOCK_HW=bhw, BLOCK_G=bg, BLOCK_CPG=bcpg, HAS_W=True, HAS_B=True,
-                      HAS_ADD=True, HAS_RES=fused and not C2, HAS_X2=C2 is not None, HAS_S=fused, ACT=True)
+                      HAS_ADD=True, HAS_RES=fused and not C2 and not sub, HAS_X2=C2 is not None, HAS_S=fused, ACT=True,
+                      SUBPIXEL=sub, WO=W if sub else 1, WZ=W // 2 + 1 if sub else 1)
         src = ASTSource(fn=kernels._group_norm_act_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
                         constexprs=consts, attrs=attrs)
         compiled = kernels.triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         # the activation moves in vectors (8 or 16 bytes), not 2-byte scalars (except where a group straddles
         # the two halves of a concatenation: 12 channels per group, 256 + 128)
         scalar = re.findall(r"(?:ld|st)\.global(?:\.\w+)*\.b16 ", compiled.asm["ptx"])
-        assert not scalar or (C2 and C1 % (C // 32)), (hw, C, C2, fused, len(scalar))
+        assert not scalar or (C2 and C1 % (C // 32)), (hw, C, C2, fused, sub, len(scalar))
         ptx = Path(tempfile.mkdtemp()) / "k.ptx"
         ptx.write_text(compiled.asm["ptx"])
         r = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", os.devnull],
@@ -398,19 +455,21 @@ def test_the_kernel_compiles_for_an_h100_without_spilling():
         assert r.returncode == 0, r.stderr[-2000:]
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", r.stderr)]
         regs = [int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)]
-        assert spills and not any(spills) and regs and max(regs) <= 168, (hw, C, C2, fused, r.stderr[-600:])
+        assert spills and not any(spills) and regs and max(regs) <= 168, (hw, C, C2, fused, sub, r.stderr[-600:])
 
 
 @needs_kernel
 def test_the_folded_network_with_the_kernel(monkeypatch):
     """accel.FoldedUNet with the kernel: every GroupNorm of the paper's CIFAR-10 network (narrowed) is one kernel
-    call, which adds up the residual sums (and forms the up path's concatenations) in its own pass; the function is
-    unchanged in float32, within bf16 tolerance on the fast path with every inference experiment, and the same
-    under torch.compile (fullgraph)."""
+    call, which adds up the residual sums (and forms the up path's concatenations, adds the convolutions' biases and,
+    with sub-pixel upsampling, interleaves the upsampling's phases) in its own pass; the function is unchanged in
+    float32, within bf16 tolerance on the fast path with every inference experiment, and the same under
+    torch.compile (fullgraph)."""
     calls = []
     launch = kernels._launch
     monkeypatch.setattr(kernels, "_launch", lambda *a, **k: calls.append(
-        (k.get("res") is not None, k.get("x2") is not None, k.get("return_input", False))) or launch(*a, **k))
+        (k.get("res") is not None, k.get("x2") is not None, k.get("return_input", False),
+         k.get("subpixel", False))) or launch(*a, **k))
     torch.manual_seed(0)
     m = UNet.from_preset("cifar10", ch=32).eval()
     g = torch.Generator().manual_seed(0)
@@ -427,16 +486,30 @@ def test_the_folded_network_with_the_kernel(monkeypatch):
         out = folded(x, t)
     assert len(calls) == norms
     # down path 6 residual sums, middle 3 and the final GroupNorm's; up path 9 concatenations of a sum, and 3
-    # after an upsampling (no sum); the up path's 3 attention blocks' inputs
+    # after an upsampling (no sum); the up path's 3 attention blocks' inputs; the first convolution's and the 3
+    # downsamplings' outputs (their biases added, the sum written for the skip connections)
     counts = {k: calls.count(k) for k in set(calls)}
-    assert counts == {(False, False, False): 26, (True, False, True): 12, (True, True, True): 9,
-                      (False, True, True): 3, (True, False, False): 1}, counts
+    assert counts == {(False, False, False, False): 22, (True, False, True, False): 12, (True, True, True, False): 9,
+                      (False, True, True, False): 3, (True, False, False, False): 1,
+                      (False, False, True, False): 4}, counts
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    # with sub-pixel upsampling the 3 upsamplings' outputs are read from their phases
+    sub = copy.deepcopy(folded)
+    assert accel.set_upsample(sub, "subpixel") == 3
+    calls.clear()
+    with torch.no_grad():
+        out_sub = sub(x, t)
+    counts = {k: calls.count(k) for k in set(calls)}
+    assert counts == {(False, False, False, False): 22, (True, False, True, False): 12, (True, True, True, False): 9,
+                      (False, True, True, True): 3, (True, False, False, False): 1,
+                      (False, False, True, False): 4}, counts
+    torch.testing.assert_close(out_sub, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
     fast = accel.prepare_model(copy.deepcopy(m), DEVICE, bf16=True, channels_last=True, compile=False,
                                group_norm="triton", upsample="subpixel", pad_channels=8, residual_fold=True)
     with torch.no_grad():
         o = fast(x, t).float()
         assert ((o - ref).norm() / ref.norm()).item() < 2e-2
-        comp = torch.compile(folded, backend="aot_eager", fullgraph=True)  # the fake outputs are the real ones
-        torch.testing.assert_close(comp(x, t), out, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+        for net, expect in ((folded, out), (sub, out_sub)):
+            comp = torch.compile(net, backend="aot_eager", fullgraph=True)  # the fake outputs are the real ones
+            torch.testing.assert_close(comp(x, t), expect, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
     torch._dynamo.reset()
