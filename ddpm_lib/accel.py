@@ -622,8 +622,9 @@ def upsample_conv_subpixel(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     ``i-1, i`` (``a = 0``: taps 0 | 1+2) or ``i, i+1`` (``a = 1``: taps 0+1 | 2), and the same for columns.
     So the four phases ``(a, b)`` are four 2x2 convolutions of ``x`` whose kernels are sums of the 3x3
     kernel's taps; they run as one 2x2 convolution with ``4 * C_out`` outputs and padding 1 (output
-    ``(H+1, W+1)``, phase ``(a, b)`` taken at offset ``(a, b)``), interleaved into the ``(2H, 2W)`` result in
-    ``x``'s memory format. Gradients flow to ``weight`` through the sums. Shapes: ``x (B, C, H, W)``,
+    ``(H+1, W+1)``, phase ``(a, b)`` taken at offset ``(a, b)``, :func:`upsample_phases`), interleaved into the
+    ``(2H, 2W)`` result in the convolution's memory format (``x``'s) by
+    :func:`ddpm_lib.kernels.subpixel_interleave`, and the bias added. Gradients flow to ``weight`` through the sums. Shapes: ``x (B, C, H, W)``,
     ``weight (O, C, 3, 3)`` -> ``(B, O, 2H, 2W)``.
     """
     if weight.shape[-2:] != (3, 3):
@@ -1199,7 +1200,8 @@ class SamplerForward:
 def make_sampler_forward(model: Union[FastModel, nn.Module], device=None, *, bf16: Auto = "auto",
                          channels_last: Auto = "auto", compile: Auto = "auto", cuda_graph: Auto = "auto",
                          out_dtype: Optional[torch.dtype] = torch.float32, warmup_calls: int = 2,
-                         max_graphs: int = 4, compile_backend: str = "inductor") -> SamplerForward:
+                         max_graphs: int = 4, compile_backend: str = "inductor",
+                         experimental: bool = False) -> SamplerForward:
     """The network's forward for sampling (``ddpm_sample``, ``ddim_sample``): ``f(x_t, t, **kwargs)``.
 
     Runs without gradients under bfloat16 autocast and ``channels_last`` (each ``"auto"``: on CUDA),
@@ -1208,11 +1210,27 @@ def make_sampler_forward(model: Union[FastModel, nn.Module], device=None, *, bf1
     calls the network with the same shapes a thousand times. Returns float32 (``out_dtype``), so that the
     sampler's arithmetic stays float32. ``model`` should be in evaluation mode (e.g. ``ema.model``); it is
     converted in place like :func:`prepare_model` does.
+
+    ``experimental=True`` also sets up this module's inference experiments, which have not been measured on a
+    GPU yet (``benchmarks/RESULTS.md``, mode ``fast_fold``): every GroupNorm as the Triton kernel of
+    :mod:`ddpm_lib.kernels` with the residual sums, skip concatenations, biases and upsampling phases folded in
+    (:func:`set_residual_fold`), sub-pixel upsampling (:func:`set_upsample`) and channel padding
+    (:func:`set_channel_padding`); the same parameters and the same function, changed in place (a
+    :class:`FastModel` given here must not have been called yet).
     """
     if isinstance(model, FastModel):
         fast = model
+        if experimental:
+            m = fast.module
+            set_group_norm(m, "triton")
+            set_upsample(m, "subpixel")
+            set_channel_padding(m, 8)
+            set_residual_fold(m)
     else:
+        extra: Dict[str, Any] = {}
+        if experimental:
+            extra = dict(group_norm="triton", upsample="subpixel", pad_channels=8, residual_fold=True)
         fast = prepare_model(model, device, bf16=bf16, channels_last=channels_last, compile=compile,
-                             compile_backend=compile_backend)
+                             compile_backend=compile_backend, **extra)
     graph = _resolve(cuda_graph, "cuda_graph", fast.device.type == "cuda")
     return SamplerForward(fast, graph, out_dtype=out_dtype, warmup_calls=warmup_calls, max_graphs=max_graphs)

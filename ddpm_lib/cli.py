@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the sampler's own arithmetic stays float32. auto: on for CUDA; off: float32 eager")
     s.add_argument("--compile", action="store_true",
                    help="with the fast path, also torch.compile the network (pays off for many samples)")
+    s.add_argument("--experimental-kernels", action="store_true",
+                   help="with the fast path, also the inference experiments of ddpm_lib.accel (a Triton GroupNorm "
+                        "kernel with the residual sums folded in, sub-pixel upsampling, channel padding; the same "
+                        "function, not yet measured on a GPU)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_sample)
 
@@ -362,13 +366,14 @@ def _cmd_sample(args) -> int:
     if args.sampler == "ddim" and args.steps > diffusion.num_timesteps:
         raise ValueError(f"--steps must be at most T = {diffusion.num_timesteps}, got {args.steps}")
     fast = args.fast == "on" or (args.fast == "auto" and device.type == "cuda")
-    if args.compile and not fast:
-        raise ValueError("--compile needs the fast path (--fast on, or --fast auto on a CUDA device)")
+    for flag, on in (("--compile", args.compile), ("--experimental-kernels", args.experimental_kernels)):
+        if on and not fast:
+            raise ValueError(f"{flag} needs the fast path (--fast on, or --fast auto on a CUDA device)")
     net = model
     if fast:
         from .accel import make_sampler_forward
 
-        net = make_sampler_forward(model, device, compile=args.compile)
+        net = make_sampler_forward(model, device, compile=args.compile, experimental=args.experimental_kernels)
         f = net.fast
         _say(f"fast sampling on {device}: bf16 {f.bf16}, channels_last {f.channels_last}, compile {f.compiled}, "
              f"CUDA graph {net.cuda_graph}")

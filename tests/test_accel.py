@@ -83,6 +83,26 @@ def test_sampler_forward_float32_and_in_ddim():
     assert torch.isfinite(fast).all() and _rel(fast, ref) < 5e-2
 
 
+def test_sampler_forward_experimental_is_the_same_network():
+    """experimental=True swaps in the inference experiments (folded U-Net, Triton GroupNorms, sub-pixel
+    upsampling, padded channels), in place, with or without a FastModel given: the same function (here on the
+    CPU, where the kernel falls back to PyTorch's operators; the kernel itself: tests/test_kernels.py)."""
+    m = _tiny().eval()
+    x, t = _inputs()
+    ref = m(x, t).detach()
+    for given in ("module", "fast"):
+        net = copy.deepcopy(m)
+        if given == "fast":
+            net = accel.prepare_model(net, "cpu", bf16=False, channels_last=True, compile=False)
+        f = accel.make_sampler_forward(net, "cpu", bf16=False, channels_last=True, compile=False, experimental=True)
+        mod = f.module
+        assert type(mod) is accel.FoldedUNet
+        kinds = {type(s) for s in mod.modules()}
+        assert {accel.TritonGroupNorm, accel.SubpixelUpsample, accel.ChannelPaddedConv2d} <= kinds, given
+        assert torch.nn.GroupNorm not in kinds
+        assert _rel(f(x, t), ref) < 1e-5, given
+
+
 def test_defaults_on_cpu_are_the_plain_path():
     fast = accel.prepare_model(_tiny(), "cpu")
     assert not (fast.bf16 or fast.channels_last or fast.compiled)

@@ -172,9 +172,16 @@ def test_sample_fast_path_is_wired_through(run, tmp_path, capsys):
     np.testing.assert_array_equal(out["on"], out["off"])
     assert "fast sampling on cpu: bf16 False, channels_last False, compile False, CUDA graph False" in \
         capsys.readouterr().out
-    assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "2", "--steps", "2", "--compile", "--fast", "off",
-                 "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 1
-    assert "--compile needs the fast path" in capsys.readouterr().err
+    # the inference experiments: the same function, the sums in another order
+    npz = tmp_path / "exp.npz"
+    assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "5", "--batch-size", "3", "--steps", "3",
+                 "--eta", "1", "--fast", "on", "--experimental-kernels", "--device", "cpu", "--no-progress",
+                 "--out", str(npz)]) == 0
+    assert np.abs(np.load(npz)["arr_0"].astype(np.float64) - out["off"]).max() <= 1  # uint8 levels
+    for flag in ("--compile", "--experimental-kernels"):
+        assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "2", "--steps", "2", flag, "--fast", "off",
+                     "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 1
+        assert f"{flag} needs the fast path" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
