@@ -5,7 +5,10 @@
 #   benchmarks/record.py would write from the result.
 # Environment: OUT (where the JSON and the log go; default /tmp/ddpm-bench), BUDGET (seconds, default 400),
 #   MODES and WHAT (throughput.py's --modes and --what: e.g. WHAT=infer for a run of the inference experiments),
-#   TESTS (the test files for pytest -m gpu, or none) and TEST_TIMEOUT (seconds, default 130);
+#   TESTS (the test files for pytest -m gpu, or none), TEST_TIMEOUT (seconds, default 130) and TEST_WORKERS
+#   (pytest-xdist processes where xdist imports, e.g. carried as .whl/pytest_xdist-*.whl and execnet-*.whl:
+#   the kernel tests spend most of their time compiling Triton kernels, one at a time per process; default 4,
+#   0: one process);
 # for a check of this script on a CPU (tests/test_benchmark.py): DEVICE=cpu SIZE=tiny MODES=ours:fp32,...
 set -u
 cd "$(dirname "$0")/.."
@@ -17,6 +20,7 @@ MODES=${MODES:-}
 WHAT=${WHAT:-}
 TESTS=${TESTS:-tests/test_accel.py tests/test_trainer.py tests/test_cli.py tests/test_kernels.py}
 TEST_TIMEOUT=${TEST_TIMEOUT:-130}
+TEST_WORKERS=${TEST_WORKERS:-4}
 extra=(); record_extra=()
 [ -n "$SIZE" ] && extra+=(--size "$SIZE")
 [ -n "$MODES" ] && extra+=(--modes "$MODES")
@@ -44,9 +48,13 @@ if [ "$DEVICE" = cuda ]; then
   if [ "$TESTS" = none ]; then
     echo; echo "=== pytest -m gpu: not run (TESTS=none) ==="
   else
-    echo; echo "=== pytest -m gpu ($TESTS) ==="
+    workers=()
+    if [ "$TEST_WORKERS" != 0 ] && python3 -c "import xdist, execnet" 2>/dev/null; then
+      workers=(-n "$TEST_WORKERS")
+    fi
+    echo; echo "=== pytest -m gpu ($TESTS) ${workers[*]} ==="
     # shellcheck disable=SC2086
-    timeout "$TEST_TIMEOUT" python3 -m pytest -m gpu $TESTS -q -p no:cacheprovider 2>&1 \
+    timeout "$TEST_TIMEOUT" python3 -m pytest -m gpu $TESTS -q -p no:cacheprovider "${workers[@]}" 2>&1 \
       | tee "$OUT/gpu_tests.log" | tail -15
   fi
 fi
