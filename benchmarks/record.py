@@ -125,7 +125,7 @@ def render(data: Dict[str, Any], json_name: str) -> str:
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     dt, di = d["diffusers_best_train_images_per_s"], d["diffusers_best_infer_images_per_s"]
     notes: List[str] = []
-    info_only = experiment = False
+    info_only = experiment = option = False
     for r in sorted(d["modes"], key=lambda r: (r["network"] != "ours", r["mode"])):
         tr, inf = r.get("train_images_per_s"), r.get("infer_images_per_s")
         mode = f"`{r['mode']}`"
@@ -133,8 +133,9 @@ def render(data: Dict[str, Any], json_name: str) -> str:
             mode += "*"
             info_only = True
         if r.get("experiment"):
-            mode += "†"
+            mode += "‡" if r.get("sampling_option") else "†"
             experiment = True
+            option = option or bool(r.get("sampling_option"))
         net = "ddpm_lib" if r["network"] == "ours" else r["network"]
         comp = f"{r.get('train_compile_s', '-')}/{r.get('infer_compile_s', '-')}"
         out.append(f"| {net} | {mode} | {_n(tr)} | {_tflops(tr, 3, gflop, peak)} | {_ratio(tr, dt)} | {_n(inf)} | "
@@ -161,6 +162,11 @@ def render(data: Dict[str, Any], json_name: str) -> str:
                    "convolution bias added and each sub-pixel upsampling interleaved by the GroupNorm kernel that "
                    "follows it (`accel.set_residual_fold`), `_gnm` every GroupNorm from "
                    "per-channel moments.")
+        out.append("")
+    if option:
+        out.append("‡ The experiment that ddpm_lib's sampling option `accel.make_sampler_forward(experimental=True)` "
+                   "(`python -m ddpm_lib sample --experimental-kernels`) sets up, off by default: its inference "
+                   "counts as ddpm_lib's best only where its output passed the check against float32 eager.")
         out.append("")
     if st.get("diffusers_baseline_step"):
         out.append(f"diffusers' training rows without a star time its network in a plain PyTorch step "
@@ -189,7 +195,8 @@ def render(data: Dict[str, Any], json_name: str) -> str:
             out.append(f"- `ddpm_lib.Trainer` itself (`{r['mode']}`: options {opts}, {trainer_settings(r)}, its own "
                        f"loop with logging{graphed}): {_n(r['train_images_per_s'])} images/s, "
                        f"{_ratio(r['train_images_per_s'], dt)} diffusers' best.")
-    out.append(f"- **Inference:** ddpm_lib {_n(d['infer_images_per_s'])} images/s (`{d.get('infer_best_mode')}`) "
+    via = f", the sampling option `{d['infer_best_option']}`" if d.get("infer_best_option") else ""
+    out.append(f"- **Inference:** ddpm_lib {_n(d['infer_images_per_s'])} images/s (`{d.get('infer_best_mode')}`{via}) "
                f"against diffusers' best {_n(di)} (`{d.get('diffusers_best_infer_mode')}`): "
                f"**{_n(inf_ratio, '{:.2f}')}×** ({_verdict(inf_ratio, targets['infer_ratio'])}).")
     cf = d.get("conv_floor") or {}

@@ -57,6 +57,13 @@ def test_benchmark_tiny_cpu_writes_json(tmp_path, capsys):
     every = modes[("ours", "bf16_cl_compile_fold")]  # every inference experiment (the kernel has no backward)
     assert every["experiment"] is True and every["infer_images_per_s"] > 0 and "train_images_per_s" not in every
     assert every["infer_same_function"] is True and every["infer_rel_err_vs_fp32"] < 2e-2
+    # the sampling option (make_sampler_forward(experimental=True)) sets it up: its checked inference counts
+    assert every["sampling_option"] == "make_sampler_forward(experimental=True)"
+    inf = {m: r["infer_images_per_s"] for (n, m), r in modes.items() if n == "ours" and r.get("infer_images_per_s")
+           and (not r["experiment"] or m == "bf16_cl_compile_fold")}
+    assert data["infer_best_mode"] == max(inf, key=inf.get) and data["infer_images_per_s"] == max(inf.values())
+    assert data["infer_best_option"] == ("make_sampler_forward(experimental=True)"
+                                         if data["infer_best_mode"] == "bf16_cl_compile_fold" else None)
     graph = modes[("ours", "trainer_graph")]  # through accel.TrainStep; no CUDA here, so no graph
     assert graph["train_images_per_s"] > 0 and graph["train_note"].startswith("ddpm_lib.Trainer (compile=False, cuda_graph=True)")
     assert graph["train_cuda_graph"] is False and "CUDA graph False" in graph["train_note"]
@@ -295,3 +302,20 @@ def test_record_renders_the_group_norm_kernel_table():
     assert "| **the network's GroupNorms** | | **4.00** | **5.00** | **12.50** | **20.00** |" in section
     data["gn_kernels"] = dict(error="skipped: 12 s left")
     assert "GroupNorm kernels alone: skipped: 12 s left" in record.render(data, "nvidia-h200.json")
+
+
+def test_record_renders_the_sampling_option():
+    """A run whose inference best is the sampling option (make_sampler_forward(experimental=True), rows `_fold`)
+    names it in the inference line and marks its rows with their own footnote."""
+    record = _load_record()
+    data = json.loads((SCRIPT.parent / "results" / "nvidia-h200.json").read_text())
+    data["modes"].append(dict(network="ours", mode="fast_fold", experiment=True, infer_images_per_s=41000.0,
+                              sampling_option="make_sampler_forward(experimental=True)", infer_same_function=True,
+                              infer_rel_err_vs_fp32=0.009))
+    data.update(infer_images_per_s=41000.0, infer_best_mode="fast_fold",
+                infer_best_option="make_sampler_forward(experimental=True)",
+                infer_ratio_vs_diffusers=round(41000.0 / data["diffusers_best_infer_images_per_s"], 3))
+    section = record.render(data, "nvidia-h200.json")
+    assert "| ddpm_lib | `fast_fold`‡ |" in section and "‡ The experiment that ddpm_lib's sampling option" in section
+    assert ("ddpm_lib 41,000 images/s (`fast_fold`, the sampling option `make_sampler_forward(experimental=True)`)"
+            in section) and "(target 1.5×: **met**)" in section
