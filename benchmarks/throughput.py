@@ -99,6 +99,11 @@ EXPERIMENT_MODES = tuple(f"{p}_{e}" for e in EXPERIMENTS for p in ("bf16_cl_comp
 # sample --experimental-kernels): a user can run it, so its inference rows count for ddpm_lib's inference best,
 # but only a row whose output passed the check against float32 eager (infer_same_function)
 SAMPLING_OPTION, SAMPLING_OPTION_NAME = "fold", "make_sampler_forward(experimental=True)"
+# each experiment's accel.prepare_model options (the sampling option's: the very ones that option sets)
+EXPERIMENT_SETTINGS: Dict[str, Dict[str, Any]] = {
+    "gnm": dict(group_norm="moments"), "tgn": dict(group_norm="triton"), "sp": dict(upsample="subpixel"),
+    "pad": dict(pad_channels=8), "all": dict(group_norm="triton", upsample="subpixel", pad_channels=8),
+    SAMPLING_OPTION: accel.SAMPLER_EXPERIMENTS}
 ALL_MODES = ["ours:fast", "ours:bf16_cl_compile", "diffusers:bf16_cl_compile", "diffusers:bf16_cl_compile_graph",
              *(f"ours:{m}" for m in EXPERIMENT_MODES),
              "ours:bf16_cl", "diffusers:bf16_cl", "ours:fp32", "diffusers:fp32",
@@ -892,10 +897,10 @@ class Run:
     def settings_for(self, mode: str) -> Dict[str, Any]:
         comp = mode.startswith("bf16_cl_compile") or mode.startswith("fast")
         exp = mode.rsplit("_", 1)[-1] if mode in EXPERIMENT_MODES else ""
-        gn = {"gnm": "moments", "tgn": "triton", "all": "triton", "fold": "triton"}.get(exp)
-        return dict(bf16=mode != "fp32", channels_last=mode != "fp32", compile=comp, group_norm=gn,
-                    upsample="subpixel" if exp in ("sp", "all", "fold") else None,
-                    pad_channels=8 if exp in ("pad", "all", "fold") else None, residual_fold=True if exp == "fold" else None)
+        st = dict(bf16=mode != "fp32", channels_last=mode != "fp32", compile=comp, group_norm=None, upsample=None,
+                  pad_channels=None, residual_fold=None)
+        st.update(EXPERIMENT_SETTINGS.get(exp, {}))
+        return st
 
     def release(self, reset_dynamo: bool) -> None:
         gc.collect()

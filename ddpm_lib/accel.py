@@ -66,6 +66,8 @@ __all__ = [
     "set_channel_padding",
     "FoldedUNet",
     "set_residual_fold",
+    "upsample_phases",
+    "SAMPLER_EXPERIMENTS",
 ]
 
 Auto = Union[bool, str]
@@ -272,14 +274,7 @@ def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channel
     if use_compile and not ok and compile_backend == "inductor":
         _warn_once(f"compile-unavailable:{why}", f"torch.compile is unavailable ({why}); running eagerly")
         use_compile = False
-    if group_norm is not None:
-        set_group_norm(model, group_norm)
-    if upsample is not None:
-        set_upsample(model, upsample)
-    if pad_channels is not None:
-        set_channel_padding(model, pad_channels)
-    if residual_fold is not None:
-        set_residual_fold(model, residual_fold)
+    _set_variants(model, group_norm, upsample, pad_channels, residual_fold)
     model = model.to(device).float()
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
@@ -290,6 +285,25 @@ def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channel
 
 
 # ---------------------------------------------------------------------------------------------- GroupNorm
+def _set_variants(model: nn.Module, group_norm: Optional[str] = None, upsample: Optional[str] = None,
+                  pad_channels: Optional[int] = None, residual_fold: Optional[bool] = None) -> None:
+    """:func:`prepare_model`'s ``group_norm``, ``upsample``, ``pad_channels`` and ``residual_fold`` (None: leave
+    that part of ``model`` as it is), set in place."""
+    if group_norm is not None:
+        set_group_norm(model, group_norm)
+    if upsample is not None:
+        set_upsample(model, upsample)
+    if pad_channels is not None:
+        set_channel_padding(model, pad_channels)
+    if residual_fold is not None:
+        set_residual_fold(model, residual_fold)
+
+
+#: the inference experiments that make_sampler_forward(experimental=True) sets up (:func:`prepare_model`'s options;
+#: the benchmark's mode ``fast_fold``)
+SAMPLER_EXPERIMENTS: Dict[str, Any] = dict(group_norm="triton", upsample="subpixel", pad_channels=8, residual_fold=True)
+
+
 def group_norm_from_moments(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                             bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
     """``F.group_norm`` computed from per-channel sums: the same function, in another order of work.
@@ -562,25 +576,21 @@ class FoldedUNet(UNet):
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         emb_act = self._embedding(t, y)
         v = _unadded(self.conv_in, x)
+        # the skip connections: each output of conv_in and of the down path, appended once the next block has
+        # computed it (a residual block's first GroupNorm writes its input)
         hs: List[torch.Tensor] = []
-        pending = True  # v is an output that the skip connections (hs) still need
         for block in self.down:
             if isinstance(block, _ResAttn):
                 u, v = _res_block(block.res, v, emb_act)
-                if pending:
-                    hs.append(u)
+                hs.append(u)
                 if not isinstance(block.attn, nn.Identity):
                     _, v = _attn_block(block.attn, v)
-                pending = True
             else:
                 v = _total(v)
-                if pending:
-                    hs.append(v)
+                hs.append(v)
                 v = _resample(block, v)
-                pending = True
         u, v = _res_block(self.mid.res, v, emb_act)
-        if pending:
-            hs.append(u)
+        hs.append(u)
         if not isinstance(self.mid.attn, nn.Identity):
             _, v = _attn_block(self.mid.attn, v)
         _, v = _res_block(self.mid2, v, emb_act)
@@ -624,8 +634,8 @@ def upsample_conv_subpixel(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     kernel's taps; they run as one 2x2 convolution with ``4 * C_out`` outputs and padding 1 (output
     ``(H+1, W+1)``, phase ``(a, b)`` taken at offset ``(a, b)``, :func:`upsample_phases`), interleaved into the
     ``(2H, 2W)`` result in the convolution's memory format (``x``'s) by
-    :func:`ddpm_lib.kernels.subpixel_interleave`, and the bias added. Gradients flow to ``weight`` through the sums. Shapes: ``x (B, C, H, W)``,
-    ``weight (O, C, 3, 3)`` -> ``(B, O, 2H, 2W)``.
+    :func:`ddpm_lib.kernels.subpixel_interleave`, and the bias added. Gradients flow to ``weight`` through the
+    sums. Shapes: ``x (B, C, H, W)``, ``weight (O, C, 3, 3)`` -> ``(B, O, 2H, 2W)``.
     """
     if weight.shape[-2:] != (3, 3):
         raise ValueError(f"a 3x3 kernel is needed, got {tuple(weight.shape)}")
@@ -1218,18 +1228,11 @@ def make_sampler_forward(model: Union[FastModel, nn.Module], device=None, *, bf1
     (:func:`set_channel_padding`); the same parameters and the same function, changed in place (a
     :class:`FastModel` given here must not have been called yet).
     """
+    extra: Dict[str, Any] = SAMPLER_EXPERIMENTS if experimental else {}
     if isinstance(model, FastModel):
         fast = model
-        if experimental:
-            m = fast.module
-            set_group_norm(m, "triton")
-            set_upsample(m, "subpixel")
-            set_channel_padding(m, 8)
-            set_residual_fold(m)
+        _set_variants(fast.module, **extra)
     else:
-        extra: Dict[str, Any] = {}
-        if experimental:
-            extra = dict(group_norm="triton", upsample="subpixel", pad_channels=8, residual_fold=True)
         fast = prepare_model(model, device, bf16=bf16, channels_last=channels_last, compile=compile,
                              compile_backend=compile_backend, **extra)
     graph = _resolve(cuda_graph, "cuda_graph", fast.device.type == "cuda")

@@ -63,6 +63,29 @@ def _reference64(x, groups, w, b, eps, add, act, **kw):
                                             **{k: (d(v) if torch.is_tensor(v) else v) for k, v in kw.items()})
 
 
+def _maker(seed, dtype, channels_last):
+    """``(t, g, fmt, tol)``: ``t(*shape)`` draws a tensor in ``dtype`` and memory format ``fmt`` from the generator
+    ``g``; ``tol`` is the kernel's relative tolerance in that dtype."""
+    g = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype).contiguous(memory_format=fmt)
+    return t, g, fmt, (1e-5 if dtype == torch.float32 else 2 ** -7)
+
+
+def _check_outputs(out, ref, kw, dtype, fmt, tol):
+    """The kernel's output(s) (``(y, input)`` with ``return_input``) against float64 ``ref``: dtype, shape, memory
+    format and values; returns them as a tuple."""
+    outs, refs = (out, ref) if kw.get("return_input") else ((out,), (ref,))
+    for o, r in zip(outs, refs):
+        assert o.dtype == dtype and o.shape == r.shape, kw.keys()
+        assert o.is_contiguous(memory_format=fmt), kw.keys()
+        err = (o.double() - r).abs().max().item()
+        assert err <= tol * r.abs().max().item() + 1e-6, (kw.keys(), err)
+    return tuple(outs)
+
+
 @needs_kernel
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -97,13 +120,7 @@ def test_group_norm_act_is_group_norm_then_silu(shape, dtype, channels_last):
 def test_a_residual_sum_and_a_concatenation_in_the_same_pass(dtype, channels_last):
     """GroupNorm(x + res + add) and GroupNorm(cat([x, x2])) (groups inside one half and across both), each
     returning the normalised input too: against float64 PyTorch, in x's dtype and memory format."""
-    g = torch.Generator().manual_seed(11)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-    def t(*shape):
-        return torch.randn(*shape, generator=g).to(DEVICE, dtype).contiguous(memory_format=fmt)
-
-    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    t, g, fmt, tol = _maker(11, dtype, channels_last)
     for N, C1, C2, H, W, G in [(2, 16, 16, 4, 4, 8), (2, 8, 4, 5, 3, 4), (3, 64, 32, 8, 8, 32)]:
         x, res, x2 = t(N, C1, H, W), t(N, C1, H, W), t(N, C2, H, W)
         w, b = (torch.randn(C1 + C2, generator=g).to(DEVICE) for _ in range(2))
@@ -117,13 +134,7 @@ def test_a_residual_sum_and_a_concatenation_in_the_same_pass(dtype, channels_las
             assert kernels.supported(x, G, ww, bb, a, kw.get("res"), kw.get("x2")), kw.keys()
             with torch.no_grad():
                 out = kernels.group_norm_act(x, G, ww, bb, 1e-6, a, **kw)
-            ref = _reference64(x, G, ww, bb, 1e-6, a, **kw)
-            outs, refs = (out, ref) if kw.get("return_input") else ((out,), (ref,))
-            for o, r in zip(outs, refs):
-                assert o.dtype == dtype and o.shape == r.shape, kw.keys()
-                assert o.is_contiguous(memory_format=fmt), kw.keys()
-                err = (o.double() - r).abs().max().item()
-                assert err <= tol * r.abs().max().item() + 1e-6, (kw.keys(), err)
+            _check_outputs(out, _reference64(x, G, ww, bb, 1e-6, a, **kw), kw, dtype, fmt, tol)
     # what the kernel does not take: PyTorch's operators, the same function
     x = t(2, 8, 4, 4)
     for bad in [dict(res=t(2, 8, 2, 2)), dict(res=t(2, 4, 4, 4)), dict(x2=t(1, 8, 4, 4)),
@@ -141,13 +152,7 @@ def test_an_upsampling_read_from_its_four_phases(dtype, channels_last):
     """subpixel=True: the kernel reads the upsampled activation from the four phases of
     accel.upsample_conv_subpixel's convolution (its bias as add), alone or concatenated with a skip connection,
     returning the interleaved input too: against float64 PyTorch, and the same as the interleaved activation."""
-    g = torch.Generator().manual_seed(12)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-    def t(*shape):
-        return torch.randn(*shape, generator=g).to(DEVICE, dtype).contiguous(memory_format=fmt)
-
-    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    t, g, fmt, tol = _maker(12, dtype, channels_last)
     for N, C1, C2, H, W, G in [(2, 16, 16, 4, 4, 8), (2, 8, 4, 3, 5, 4), (3, 64, 32, 8, 8, 32)]:
         z, x2 = t(N, 4 * C1, H + 1, W + 1), t(N, C2, 2 * H, 2 * W)
         w, b = (torch.randn(C1 + C2, generator=g).to(DEVICE) for _ in range(2))
@@ -162,13 +167,8 @@ def test_an_upsampling_read_from_its_four_phases(dtype, channels_last):
             with torch.no_grad():
                 out = kernels.group_norm_act(z, G, ww, bb, 1e-6, a, subpixel=True, **kw)
                 same = kernels.group_norm_act(x, G, ww, bb, 1e-6, a, **kw)
-            ref = _reference64(z, G, ww, bb, 1e-6, a, subpixel=True, **kw)
-            outs, refs, sames = (out, ref, same) if kw.get("return_input") else ((out,), (ref,), (same,))
-            for o, r, o2 in zip(outs, refs, sames):
-                assert o.dtype == dtype and o.shape == r.shape, kw.keys()
-                assert o.is_contiguous(memory_format=fmt), kw.keys()
-                err = (o.double() - r).abs().max().item()
-                assert err <= tol * r.abs().max().item() + 1e-6, (kw.keys(), err)
+            outs = _check_outputs(out, _reference64(z, G, ww, bb, 1e-6, a, subpixel=True, **kw), kw, dtype, fmt, tol)
+            for o, o2 in zip(outs, same if kw.get("return_input") else (same,)):
                 torch.testing.assert_close(o, o2, rtol=0, atol=0)  # the same arithmetic, the same values
     # what the kernel does not take: PyTorch's operators, the same function
     z = t(2, 16, 3, 3)
