@@ -246,7 +246,12 @@ def render(data: Dict[str, Any], json_name: str) -> str:
                    f"{' (replayed from its CUDA graph)' if lc.get('fast_step_graphed') else ''} against the float32 "
                    f"eager step from the same start and draws: first step {100 * lc['first_step_rel_diff']:.2f} % "
                    f"apart, mean of the last quarter {lc['last_quarter_mean_fast']} against "
-                   f"{lc['last_quarter_mean_plain']} ({100 * lc['last_quarter_rel_diff']:.2f} % apart).")
+                   f"{lc['last_quarter_mean_plain']} ({100 * lc['last_quarter_rel_diff']:.2f} % apart)"
+                   + (f"; the float32 step with other seeds for the data, t and the noise ends at "
+                      f"{lc['last_quarter_mean_other_seed']} ({100 * lc['other_seed_rel_diff']:.2f} % from the first "
+                      f"float32 run): "
+                      f"{'within' if lc['within_run_to_run_noise'] else '**outside**'} run-to-run noise "
+                      f"(at most that spread, or 5 %)" if "other_seed_rel_diff" in lc else "") + ".")
     elif lc:
         out.append(f"- Loss-curve check not done: {lc['error']}")
     if d.get("projected_50k_samples_ddpm1000_s"):

@@ -47,6 +47,12 @@ def test_benchmark_tiny_cpu_writes_json(tmp_path, capsys):
     assert data["correctness"]["ok"], data["correctness"]
     lc = data["loss_curve_check"]
     assert len(lc["fast_losses"]) == len(lc["plain_losses"]) == 4 and lc["first_step_rel_diff"] < 0.05
+    # the run-to-run noise it is judged by: the plain step again with other draws
+    assert len(lc["other_seed_plain_losses"]) == 4 and lc["other_seed_plain_losses"] != lc["plain_losses"]
+    assert lc["other_seed_rel_diff"] > 0 and lc["within_run_to_run_noise"] is True
+    section = _load_record().render(data, path.name)
+    assert (f"the float32 step with other seeds for the data, t and the noise ends at "
+            f"{lc['last_quarter_mean_other_seed']}") in section and "within run-to-run noise" in section
     modes = {(m["network"], m["mode"]): m for m in data["modes"]}
     assert modes[("ours", "fast")]["train_images_per_s"] > 0
     trainer = modes[("ours", "trainer")]  # ddpm_lib.Trainer itself, with its defaults
