@@ -147,6 +147,17 @@ def render(data: Dict[str, Any], json_name: str) -> str:
             notes.append(f"{net} `{r['mode']}`: output against float32 eager, relative error "
                          f"{r['infer_rel_err_vs_fp32']:.1e} ({'within' if r.get('infer_same_function') else 'NOT within'}"
                          f" bf16 tolerance 2e-2)")
+        kt = r.get("gn_kernel_traffic") or {}
+        if kt.get("calls_per_forward"):
+            line = (f"{net} `{r['mode']}`: the GroupNorm kernel (`ddpm_lib.kernels`) moves {kt['gb']:.3g} GB per "
+                    f"forward ({kt['bytes_read'] / 1e9:.3g} read, {kt['bytes_written'] / 1e9:.3g} written) in "
+                    f"{kt['calls_per_forward']} launches")
+            if kt.get("tb_per_s"):
+                line += (f", in {kt['kernel_ms']:.3g} ms of kernel time (profile): **{kt['tb_per_s']:.3g} TB/s** on "
+                         f"average")
+            notes.append(line)
+        elif kt.get("error"):
+            notes.append(f"{net} `{r['mode']}`: GroupNorm kernel traffic not counted: {kt['error']}")
     out.append("")
     if info_only:
         base = ", ".join(f"`{r['mode']}`" for r in d["modes"] if r.get("counts_for_diffusers_baseline"))

@@ -1085,6 +1085,8 @@ class Run:
         self.record_infer(row, m, fast)
         if mode.startswith("bf16_cl_compile"):
             self.try_profile(key, "infer", lambda i: fwd(*xs[i % 3]), m)
+        if self.settings_for(mode)["group_norm"] == "triton":
+            self.kernel_traffic(row, key, lambda: fwd(*xs[0]))
         best_fwd = fwd
         if graph_key:
             grow = self.row(graph_key)
@@ -1113,6 +1115,33 @@ class Run:
                 self.same_function_check(best_fwd, check)
         del fwd, best_fwd, fast
         self.release(reset_dynamo=False)
+
+    def kernel_traffic(self, row: Dict[str, Any], key: str, fn: Callable[[], Any]) -> None:
+        """What the GroupNorm kernel of ``ddpm_lib.kernels`` moves in one call of ``fn`` (a forward pass; counted by
+        ``kernels.count_traffic``), in ``row["gn_kernel_traffic"]``; with the time of its launches in the profile of
+        ``key`` (``GroupNorm (ddpm_lib.kernels)``), their average bandwidth in TB/s."""
+        from ddpm_lib import kernels
+
+        try:
+            with torch.no_grad(), kernels.count_traffic() as tr:
+                fn()
+            self.timer.sync()
+        except Exception as exc:  # noqa: BLE001 - a diagnosis, not a measurement
+            row["gn_kernel_traffic"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            return
+        gb = (tr["bytes_read"] + tr["bytes_written"]) / 1e9
+        res = dict(calls_per_forward=tr["calls"], bytes_read=tr["bytes_read"], bytes_written=tr["bytes_written"],
+                   gb=float(f"{gb:.4g}"),
+                   by_call={k: dict(v) for k, v in tr["by_call"].items()},
+                   note="each value the kernel loads or stores counted once (kernels.count_traffic)")
+        prof = (self.results.get("profiles") or {}).get(f"{key} infer") or {}
+        ms = (prof.get("categories_ms_per_call") or {}).get("GroupNorm (ddpm_lib.kernels)")
+        if ms and tr["calls"]:  # (a CPU profile has no such category: aten operators)
+            res.update(kernel_ms=ms, tb_per_s=float(f"{gb / ms:.4g}"))  # GB per ms is TB per s
+        row["gn_kernel_traffic"] = res
+        log(f"{key}: the GroupNorm kernel moves {gb:.3g} GB per forward in {tr['calls']} launches"
+            + (f", {res['tb_per_s']:.3g} TB/s over its {ms:.3g} ms (profile)" if "tb_per_s" in res else ""))
+        self.write_json()
 
     def record_infer(self, row, m, fast, note: Optional[str] = None) -> None:
         B = self.size["infer_batch"]

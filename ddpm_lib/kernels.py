@@ -42,6 +42,7 @@ dimensions in one stride. Under ``torch.compile`` the kernel is the custom opera
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -49,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["MAX_TILE", "available", "supported", "group_norm_act", "group_norm_act_reference", "tile_for",
-           "candidates", "set_autotune", "tuned", "subpixel_interleave"]
+           "candidates", "set_autotune", "tuned", "subpixel_interleave", "count_traffic"]
 
 try:
     import triton
@@ -289,6 +290,42 @@ if triton is not None:
 
 
 _TUNED: Dict[Any, Dict[str, Any]] = {}
+# the counts of count_traffic's block (None outside one)
+_TRAFFIC: Optional[Dict[str, Any]] = None
+
+
+@contextlib.contextmanager
+def count_traffic():
+    """Count, within the block, what the kernel's launches move: yields a dict that fills with ``calls`` (launches
+    of :func:`group_norm_act`'s kernel, not the autotuner's timing runs), ``bytes_read`` and ``bytes_written``
+    (each activation value the kernel loads or stores once: ``x`` at its logical positions, ``res``, ``x2``,
+    ``add``, ``weight`` and ``bias``; ``y`` and, with ``return_input``, the input), and ``by_call``: for each
+    distinct call (``"C1+C2 HxW"`` and its options) its ``calls``, ``bytes_read`` and ``bytes_written``.
+    With the kernels' time (a profile), the bytes give their bandwidth. The reference's fallbacks are not
+    counted, nor the launches a CUDA graph replays (they do not run this module's code)."""
+    global _TRAFFIC
+    outer, _TRAFFIC = _TRAFFIC, dict(calls=0, bytes_read=0, bytes_written=0, by_call={})
+    try:
+        yield _TRAFFIC
+    finally:
+        _TRAFFIC = outer
+
+
+def _count(x: torch.Tensor, N: int, C1: int, C2: int, hw: int, H: int, W: int, weight, bias, add, res, act: bool,
+           return_input: bool, subpixel: bool) -> None:
+    e = x.element_size()
+    read = e * N * hw * (C1 * (2 if res is not None else 1) + C2)
+    read += sum(t.numel() * t.element_size() for t in (weight, bias) if t is not None)
+    if add is not None:  # (N, C1), possibly an expanded (C1,)
+        read += (add.numel() if add.stride(0) else C1) * add.element_size()
+    written = e * N * hw * (C1 + C2) * (2 if return_input else 1)
+    name = (f"{C1}+{C2} {H}x{W}" + "".join(f", {k}" for k, v in (("add", add is not None), ("res", res is not None),
+                                                                   ("return_input", return_input),
+                                                                   ("subpixel", subpixel), ("act", act)) if v))
+    for d in (_TRAFFIC, _TRAFFIC["by_call"].setdefault(name, dict(calls=0, bytes_read=0, bytes_written=0))):
+        d["calls"] += 1
+        d["bytes_read"] += read
+        d["bytes_written"] += written
 
 
 def _autotune_on(x: torch.Tensor) -> bool:
@@ -398,6 +435,8 @@ def _launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
                    subpixel=bool(subpixel))
     key = (tuple(x.shape), sx, sr, s2, sy, x.dtype, x.device, num_groups, tuple(options.items()))
     run(tuple(tile) if tile is not None else _tile(x, key, run, num_groups, C, hw, options))
+    if _TRAFFIC is not None:
+        _count(x, N, C1, C - C1, hw, H, W, weight, bias, add, res, act, return_input, subpixel)
     return (y, s) if return_input else y
 
 

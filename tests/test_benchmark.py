@@ -63,6 +63,8 @@ def test_benchmark_tiny_cpu_writes_json(tmp_path, capsys):
     every = modes[("ours", "bf16_cl_compile_fold")]  # every inference experiment (the kernel has no backward)
     assert every["experiment"] is True and every["infer_images_per_s"] > 0 and "train_images_per_s" not in every
     assert every["infer_same_function"] is True and every["infer_rel_err_vs_fp32"] < 2e-2
+    # what the GroupNorm kernel moved (none here: without CUDA or Triton's interpreter PyTorch's operators run)
+    assert every["gn_kernel_traffic"]["calls_per_forward"] == 0 and "tb_per_s" not in every["gn_kernel_traffic"]
     # the sampling option (make_sampler_forward(experimental=True)) sets it up: its checked inference counts
     assert every["sampling_option"] == "make_sampler_forward(experimental=True)"
     inf = {m: r["infer_images_per_s"] for (n, m), r in modes.items() if n == "ours" and r.get("infer_images_per_s")

@@ -308,6 +308,35 @@ def test_strided_weight_and_bias():
 
 
 @needs_kernel
+def test_count_traffic():
+    """kernels.count_traffic counts each launch and the bytes it moves (each value loaded or stored once), by
+    hand here; the fallback to PyTorch's operators and calls outside the block are not counted."""
+    g = torch.Generator().manual_seed(6)
+
+    def t(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+
+    x, res, x2 = t(2, 8, 4, 4), t(2, 8, 4, 4), t(2, 4, 4, 4)
+    w, b, add = (torch.randn(*s, generator=g).to(DEVICE) for s in ((12,), (12,), (2, 8)))  # float32
+    z = t(2, 32, 3, 3)  # the four phases of a (2, 8, 4, 4) activation
+    with torch.no_grad():
+        kernels.group_norm_act(x, 4, act=True)  # not counted: outside the block
+        with kernels.count_traffic() as tr:
+            kernels.group_norm_act(x, 4, w[:8], b[:8], 1e-6, add, act=True, res=res, return_input=True)
+            kernels.group_norm_act(x, 4, w, b, 1e-6, x2=x2)
+            kernels.group_norm_act(z, 4, add=add[0], act=True, subpixel=True)
+            kernels.group_norm_act(x, 4, add=torch.randn(1, 8).to(DEVICE), act=True)  # (1, C): the reference's
+    e, pos = 2, 2 * 16  # bf16 bytes, positions of the batch
+    reads = [e * pos * 16 + 2 * 8 * 4 + 2 * 8 * 4, e * pos * 12 + 2 * 12 * 4, e * pos * 8 + 8 * 4]
+    writes = [e * pos * 8 * 2, e * pos * 12, e * pos * 8]
+    assert tr["calls"] == 3 and tr["bytes_read"] == sum(reads) and tr["bytes_written"] == sum(writes), tr
+    assert [(v["calls"], v["bytes_read"], v["bytes_written"]) for v in tr["by_call"].values()] == \
+        list(zip([1, 1, 1], reads, writes))
+    assert list(tr["by_call"]) == ["8+0 4x4, add, res, return_input, act", "8+4 4x4",
+                                   "8+0 4x4, add, subpixel, act"]
+
+
+@needs_kernel
 def test_the_benchmark_times_the_kernel_alone(tmp_path):
     """benchmarks/throughput.py's GroupNorm diagnosis (the kernel alone against PyTorch's GroupNorm, per shape of
     the network) runs and records every shape (on the CPU under the interpreter; inductor left out for time)."""
@@ -328,6 +357,44 @@ def test_the_benchmark_times_the_kernel_alone(tmp_path):
     for r in gk["layers"]:
         assert r["triton_ms"] > 0 and r["eager_ms"] > 0 and r["triton_max_abs_err_vs_fp32"] < 0.1, r
     assert gk["network_ms"]["triton"] > 0
+
+
+@needs_kernel
+def test_the_benchmark_counts_the_kernels_traffic(tmp_path):
+    """benchmarks/throughput.py's count of what the kernel moves in one forward of the folded network (the
+    sampling option's), and its bandwidth from the kernel time a profile reports; record.py renders it."""
+    import argparse
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    mods = {}
+    for name in ("throughput", "record"):
+        spec = importlib.util.spec_from_file_location(f"{name}_under_test", root / f"{name}.py")
+        mods[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[name])
+    args = argparse.Namespace(device=DEVICE, size="tiny", budget_s=300, out=str(tmp_path), json_path=None,
+                              what="infer", mode_list=[], loss_check_steps=0)
+    run = mods["throughput"].Run(args)
+    m = UNet.from_preset("tiny", ch=16).eval()
+    norms = sum(isinstance(mod, torch.nn.GroupNorm) for mod in m.modules())
+    fast = accel.prepare_model(m, DEVICE, bf16=False, channels_last=False, compile=False, **accel.SAMPLER_EXPERIMENTS)
+    x, t = torch.randn(2, 3, 16, 16).to(DEVICE), torch.tensor([1, 9], device=DEVICE)
+    run.results["profiles"] = {"ours:fast_fold infer": dict(categories_ms_per_call={"GroupNorm (ddpm_lib.kernels)": 0.5})}
+    row = dict(network="ours", mode="fast_fold", experiment=True, infer_images_per_s=1.0)
+    with torch.no_grad():
+        run.kernel_traffic(row, "ours:fast_fold", lambda: fast(x, t))
+    kt = row["gn_kernel_traffic"]
+    assert kt["calls_per_forward"] == norms and len(kt["by_call"]) > 1, kt
+    gb = (kt["bytes_read"] + kt["bytes_written"]) / 1e9
+    assert kt["gb"] == pytest.approx(gb, rel=1e-3) and kt["tb_per_s"] == pytest.approx(gb / 0.5, rel=1e-3)
+    import json
+
+    data = json.loads((root / "results" / "nvidia-h200.json").read_text())
+    data["modes"].append(row)
+    section = mods["record"].render(data, "nvidia-h200.json")
+    assert (f"ddpm_lib `fast_fold`: the GroupNorm kernel (`ddpm_lib.kernels`) moves {kt['gb']:.3g} GB per forward "
+            f"({kt['bytes_read'] / 1e9:.3g} read, {kt['bytes_written'] / 1e9:.3g} written) in {norms} launches, in "
+            f"0.5 ms of kernel time (profile): **{kt['tb_per_s']:.3g} TB/s** on average") in section
 
 
 @needs_kernel
@@ -493,6 +560,10 @@ def test_the_folded_network_with_the_kernel(monkeypatch):
                       (False, True, True, False): 3, (True, False, False, False): 1,
                       (False, False, True, False): 4}, counts
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    with torch.no_grad(), kernels.count_traffic() as tr:  # every call counted (benchmarks/throughput.py's bandwidth)
+        folded(x, t)
+    assert tr["calls"] == norms and sum(v["calls"] for v in tr["by_call"].values()) == norms
+    assert tr["bytes_read"] == sum(v["bytes_read"] for v in tr["by_call"].values()) > 0
     # with sub-pixel upsampling the 3 upsamplings' outputs are read from their phases
     sub = copy.deepcopy(folded)
     assert accel.set_upsample(sub, "subpixel") == 3

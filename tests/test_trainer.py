@@ -335,7 +335,8 @@ def test_outputs_written(digits, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
 
-    assert Image.open(png).size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid, padding 2
+    with Image.open(png) as im:
+        assert im.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid, padding 2
     hist = json.loads((tmp_path / "loss_history.json").read_text())
     assert [h[0] for h in hist] == [1, 2] and all(isinstance(h[1], float) for h in hist)
     assert (tmp_path / "loss_history.csv").read_text().splitlines()[0] == "step,loss"
