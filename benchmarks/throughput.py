@@ -1260,23 +1260,20 @@ class Run:
         gen.manual_seed(123)
         fast_losses = run(step, 7)
         graphed = step.graphed
-        # the plain path: float32, eager, foreach Adam, a fresh copy from the same start
-        plain = accel.prepare_model(copy.deepcopy(master), self.device, bf16=False, channels_last=False, compile=False)
-        popt = accel.make_optimizer(plain.module.parameters(), fused=False)
-        pema = EMA(plain.module, 0.9999)
-        pgen = torch.Generator(device=self.device).manual_seed(123)
-        pstep = accel.make_train_step(plain, self.diffusion, popt, pema, cuda_graph=False, generator=pgen)
-        plain_losses = run(pstep, 7)
-        del plain, popt, pema, pstep
+
+        def run_plain(seed, data_seed):
+            """The plain path: float32, eager, foreach Adam, a fresh copy from the same start."""
+            plain = accel.prepare_model(copy.deepcopy(master), self.device, bf16=False, channels_last=False,
+                                        compile=False)
+            popt = accel.make_optimizer(plain.module.parameters(), fused=False)
+            pgen = torch.Generator(device=self.device).manual_seed(seed)
+            return run(accel.make_train_step(plain, self.diffusion, popt, EMA(plain.module, 0.9999), cuda_graph=False,
+                                             generator=pgen), data_seed)
+
+        plain_losses = run_plain(123, 7)
         # the run-to-run noise to judge that by: the plain step once more from the same start, with other seeds
         # for the data, t and the noise (what a second run of the same recipe would draw)
-        other = accel.prepare_model(copy.deepcopy(master), self.device, bf16=False, channels_last=False, compile=False)
-        oopt = accel.make_optimizer(other.module.parameters(), fused=False)
-        oema = EMA(other.module, 0.9999)
-        ogen = torch.Generator(device=self.device).manual_seed(124)
-        ostep = accel.make_train_step(other, self.diffusion, oopt, oema, cuda_graph=False, generator=ogen)
-        other_losses = run(ostep, 8)
-        del other, oopt, oema, ostep
+        other_losses = run_plain(124, 8)
         k = max(1, steps // 4)
         first = abs(fast_losses[0] - plain_losses[0]) / plain_losses[0]
         last_f, last_p = statistics.mean(fast_losses[-k:]), statistics.mean(plain_losses[-k:])

@@ -311,17 +311,17 @@ def count_traffic():
         _TRAFFIC = outer
 
 
-def _count(x: torch.Tensor, N: int, C1: int, C2: int, hw: int, H: int, W: int, weight, bias, add, res, act: bool,
-           return_input: bool, subpixel: bool) -> None:
+def _count(x: torch.Tensor, N: int, C1: int, C2: int, H: int, W: int, weight, bias, add,
+           options: Dict[str, Any]) -> None:
+    """Add one launch (``options`` as :func:`_launch` keys its tiles by) to :func:`count_traffic`'s counts."""
     e = x.element_size()
-    read = e * N * hw * (C1 * (2 if res is not None else 1) + C2)
+    read = e * N * H * W * (C1 * (2 if options["res"] else 1) + C2)
     read += sum(t.numel() * t.element_size() for t in (weight, bias) if t is not None)
     if add is not None:  # (N, C1), possibly an expanded (C1,)
         read += (add.numel() if add.stride(0) else C1) * add.element_size()
-    written = e * N * hw * (C1 + C2) * (2 if return_input else 1)
-    name = (f"{C1}+{C2} {H}x{W}" + "".join(f", {k}" for k, v in (("add", add is not None), ("res", res is not None),
-                                                                   ("return_input", return_input),
-                                                                   ("subpixel", subpixel), ("act", act)) if v))
+    written = e * N * H * W * (C1 + C2) * (2 if options["return_input"] else 1)
+    name = f"{C1}+{C2} {H}x{W}" + "".join(f", {k}" for k in ("add", "res", "return_input", "subpixel", "act")
+                                          if options[k])
     for d in (_TRAFFIC, _TRAFFIC["by_call"].setdefault(name, dict(calls=0, bytes_read=0, bytes_written=0))):
         d["calls"] += 1
         d["bytes_read"] += read
@@ -436,7 +436,7 @@ def _launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     key = (tuple(x.shape), sx, sr, s2, sy, x.dtype, x.device, num_groups, tuple(options.items()))
     run(tuple(tile) if tile is not None else _tile(x, key, run, num_groups, C, hw, options))
     if _TRAFFIC is not None:
-        _count(x, N, C1, C - C1, hw, H, W, weight, bias, add, res, act, return_input, subpixel)
+        _count(x, N, C1, C - C1, H, W, weight, bias, add, options)
     return (y, s) if return_input else y
 
 

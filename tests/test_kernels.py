@@ -336,20 +336,33 @@ def test_count_traffic():
                                    "8+0 4x4, add, subpixel, act"]
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _benchmark_module(name):
+    """benchmarks/<name>.py, loaded from its file (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _benchmark_run(bench, tmp_path):
+    """throughput.py's Run at the tiny size on this device, for its inference diagnoses."""
+    import argparse
+
+    return bench.Run(argparse.Namespace(device=DEVICE, size="tiny", budget_s=300, out=str(tmp_path), json_path=None,
+                                        what="infer", mode_list=[], loss_check_steps=0))
+
+
 @needs_kernel
 def test_the_benchmark_times_the_kernel_alone(tmp_path):
     """benchmarks/throughput.py's GroupNorm diagnosis (the kernel alone against PyTorch's GroupNorm, per shape of
     the network) runs and records every shape (on the CPU under the interpreter; inductor left out for time)."""
-    import argparse
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "throughput_under_test", Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    args = argparse.Namespace(device=DEVICE, size="tiny", budget_s=300, out=str(tmp_path), json_path=None,
-                              what="infer", mode_list=[], loss_check_steps=0)
-    run = bench.Run(args)
+    bench = _benchmark_module("throughput")
+    run = _benchmark_run(bench, tmp_path)
     shapes = bench.group_norm_shapes(UNet.from_preset("tiny", ch=16), 16)
     run.gn_kernels(shapes, with_inductor=DEVICE == "cuda")
     gk = run.results["gn_kernels"]
@@ -363,18 +376,7 @@ def test_the_benchmark_times_the_kernel_alone(tmp_path):
 def test_the_benchmark_counts_the_kernels_traffic(tmp_path):
     """benchmarks/throughput.py's count of what the kernel moves in one forward of the folded network (the
     sampling option's), and its bandwidth from the kernel time a profile reports; record.py renders it."""
-    import argparse
-    import importlib.util
-
-    root = Path(__file__).resolve().parents[1] / "benchmarks"
-    mods = {}
-    for name in ("throughput", "record"):
-        spec = importlib.util.spec_from_file_location(f"{name}_under_test", root / f"{name}.py")
-        mods[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mods[name])
-    args = argparse.Namespace(device=DEVICE, size="tiny", budget_s=300, out=str(tmp_path), json_path=None,
-                              what="infer", mode_list=[], loss_check_steps=0)
-    run = mods["throughput"].Run(args)
+    run = _benchmark_run(_benchmark_module("throughput"), tmp_path)
     m = UNet.from_preset("tiny", ch=16).eval()
     norms = sum(isinstance(mod, torch.nn.GroupNorm) for mod in m.modules())
     fast = accel.prepare_model(m, DEVICE, bf16=False, channels_last=False, compile=False, **accel.SAMPLER_EXPERIMENTS)
@@ -389,9 +391,9 @@ def test_the_benchmark_counts_the_kernels_traffic(tmp_path):
     assert kt["gb"] == pytest.approx(gb, rel=1e-3) and kt["tb_per_s"] == pytest.approx(gb / 0.5, rel=1e-3)
     import json
 
-    data = json.loads((root / "results" / "nvidia-h200.json").read_text())
+    data = json.loads((BENCHMARKS / "results" / "nvidia-h200.json").read_text())
     data["modes"].append(row)
-    section = mods["record"].render(data, "nvidia-h200.json")
+    section = _benchmark_module("record").render(data, "nvidia-h200.json")
     assert (f"ddpm_lib `fast_fold`: the GroupNorm kernel (`ddpm_lib.kernels`) moves {kt['gb']:.3g} GB per forward "
             f"({kt['bytes_read'] / 1e9:.3g} read, {kt['bytes_written'] / 1e9:.3g} written) in {norms} launches, in "
             f"0.5 ms of kernel time (profile): **{kt['tb_per_s']:.3g} TB/s** on average") in section
