@@ -125,6 +125,7 @@ def render(data: Dict[str, Any], json_name: str) -> str:
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     dt, di = d["diffusers_best_train_images_per_s"], d["diffusers_best_infer_images_per_s"]
     notes: List[str] = []
+    per_call: List[Tuple[str, str, Dict[str, Any]]] = []
     info_only = experiment = option = False
     for r in sorted(d["modes"], key=lambda r: (r["network"] != "ours", r["mode"])):
         tr, inf = r.get("train_images_per_s"), r.get("infer_images_per_s")
@@ -156,6 +157,8 @@ def render(data: Dict[str, Any], json_name: str) -> str:
                 line += (f", in {kt['kernel_ms']:.3g} ms of kernel time (profile): **{kt['tb_per_s']:.3g} TB/s** on "
                          f"average")
             notes.append(line)
+            if any(v.get("timed_tb_per_s") for v in (kt.get("by_call") or {}).values()):
+                per_call.append((net, r["mode"], kt))
         elif kt.get("error"):
             notes.append(f"{net} `{r['mode']}`: GroupNorm kernel traffic not counted: {kt['error']}")
     out.append("")
@@ -334,6 +337,8 @@ def render(data: Dict[str, Any], json_name: str) -> str:
         out.append("")
     elif gk.get("error"):
         notes.append(f"GroupNorm kernels alone: {gk['error'][:200]}")
+    for net, mode, kt in per_call:
+        out.extend(render_kernel_calls(net, mode, kt))
     for k, v in (d.get("profiles") or {}).items():
         if "error" in v:
             notes.append(f"profile `{k}` failed: {v['error'][:200]}")
@@ -342,6 +347,28 @@ def render(data: Dict[str, Any], json_name: str) -> str:
     for n in notes:
         out.append(f"- {n}")
     return "\n".join(out)
+
+
+def render_kernel_calls(net: str, mode: str, kt: Dict[str, Any]) -> List[str]:
+    """The table of one row's GroupNorm kernel calls (``gn_kernel_traffic.by_call``): bytes and, where the
+    autotuner timed the call's tile, its time and bandwidth alone."""
+    out = [f"The GroupNorm kernel's calls in one forward of {net} `{mode}` (bytes counted by "
+           f"`kernels.count_traffic`; time: the autotuner's for the chosen tile, the kernel alone on the same tensors, "
+           f"back to back, so that tensors smaller than the L2 cache are read from it):", "",
+           "| call (channels of x + x2, H×W, options) | launches | MB per launch | µs per launch | TB/s | tile |",
+           "|---|---:|---:|---:|---:|---|"]
+    for name, v in kt["by_call"].items():
+        mb = (v["bytes_read"] + v["bytes_written"]) / v["calls"] / 1e6
+        us = f"{v['timed_ms'] / v['calls'] * 1e3:,.0f}" if v.get("timed_tb_per_s") else "-"
+        tb = f"{v['timed_tb_per_s']:.2f}" if v.get("timed_tb_per_s") else "-"
+        tiles = ", ".join(f"({', '.join(map(str, t))})" for t in v.get("tiles", []))
+        out.append(f"| {name} | {v['calls']} | {mb:,.1f} | {us} | {tb} | {tiles} |")
+    if kt.get("timed_kernel_ms"):
+        prof = f" (profile: {kt['kernel_ms']:.2f} ms)" if kt.get("kernel_ms") else ""
+        out.append(f"| **all, per forward** | {kt['calls_per_forward']} | {kt['gb']:.3g} GB | "
+                   f"**{kt['timed_kernel_ms']:.2f} ms**{prof} | **{kt['timed_tb_per_s']:.2f}** | |")
+    out += ["", "Tiles are (BLOCK_HW, BLOCK_G, BLOCK_CPG, num_warps).", ""]
+    return out
 
 
 def trainer_settings(row: Dict[str, Any]) -> str:

@@ -1130,17 +1130,28 @@ class Run:
             row["gn_kernel_traffic"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
             return
         gb = (tr["bytes_read"] + tr["bytes_written"]) / 1e9
+        by_call = {k: dict(v) for k, v in tr["by_call"].items()}
+        for v in by_call.values():  # each call's bandwidth when the kernel ran alone (the autotuner's timing)
+            if v.get("timed_ms") and v.get("timed_calls") == v["calls"]:
+                v["timed_ms"] = float(f"{v['timed_ms']:.4g}")
+                v["timed_tb_per_s"] = float(f"{(v['bytes_read'] + v['bytes_written']) / 1e9 / v['timed_ms']:.4g}")
         res = dict(calls_per_forward=tr["calls"], bytes_read=tr["bytes_read"], bytes_written=tr["bytes_written"],
-                   gb=float(f"{gb:.4g}"),
-                   by_call={k: dict(v) for k, v in tr["by_call"].items()},
-                   note="each value the kernel loads or stores counted once (kernels.count_traffic)")
+                   gb=float(f"{gb:.4g}"), by_call=by_call,
+                   note="each value the kernel loads or stores counted once (kernels.count_traffic); timed_ms: the "
+                        "autotuner's time of each launch's tile, the kernel alone on the same tensors, back to back "
+                        "(tensors smaller than the L2 cache are read from it)")
+        if by_call and all("timed_tb_per_s" in v for v in by_call.values()):
+            alone = sum(v["timed_ms"] for v in by_call.values())
+            res.update(timed_kernel_ms=float(f"{alone:.4g}"), timed_tb_per_s=float(f"{gb / alone:.4g}"))
         prof = (self.results.get("profiles") or {}).get(f"{key} infer") or {}
         ms = (prof.get("categories_ms_per_call") or {}).get("GroupNorm (ddpm_lib.kernels)")
         if ms and tr["calls"]:  # (a CPU profile has no such category: aten operators)
             res.update(kernel_ms=ms, tb_per_s=float(f"{gb / ms:.4g}"))  # GB per ms is TB per s
         row["gn_kernel_traffic"] = res
         log(f"{key}: the GroupNorm kernel moves {gb:.3g} GB per forward in {tr['calls']} launches"
-            + (f", {res['tb_per_s']:.3g} TB/s over its {ms:.3g} ms (profile)" if "tb_per_s" in res else ""))
+            + (f", {res['tb_per_s']:.3g} TB/s over its {ms:.3g} ms (profile)" if "tb_per_s" in res else "")
+            + (f"; alone {res['timed_tb_per_s']:.3g} TB/s over {res['timed_kernel_ms']:.3g} ms (autotuner)"
+               if "timed_tb_per_s" in res else ""))
         self.write_json()
 
     def record_infer(self, row, m, fast, note: Optional[str] = None) -> None:

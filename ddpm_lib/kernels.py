@@ -133,8 +133,8 @@ def set_autotune(on: bool = True) -> None:
 
 def tuned() -> List[Dict[str, Any]]:
     """The tiles chosen so far: for each timed shape its ``shape``, ``strides``, ``dtype``, options, the chosen
-    ``tile`` ``(BLOCK_HW, BLOCK_G, BLOCK_CPG, num_warps)`` and each candidate's time (``ms``, in the order of
-    :func:`candidates`; None where it failed)."""
+    ``tile`` ``(BLOCK_HW, BLOCK_G, BLOCK_CPG, num_warps)``, each candidate's time (``ms``, in the order of
+    :func:`candidates`; None where it failed) and the chosen tile's (``best_ms``)."""
     return [dict(v, tile=list(v["tile"])) for v in _TUNED.values()]
 
 
@@ -300,7 +300,10 @@ def count_traffic():
     of :func:`group_norm_act`'s kernel, not the autotuner's timing runs), ``bytes_read`` and ``bytes_written``
     (each activation value the kernel loads or stores once: ``x`` at its logical positions, ``res``, ``x2``,
     ``add``, ``weight`` and ``bias``; ``y`` and, with ``return_input``, the input), and ``by_call``: for each
-    distinct call (``"C1+C2 HxW"`` and its options) its ``calls``, ``bytes_read`` and ``bytes_written``.
+    distinct call (``"C1+C2 HxW"`` and its options) its ``calls``, ``bytes_read`` and ``bytes_written``, the
+    ``tiles`` its launches used, and ``timed_ms``, the sum over its ``timed_calls`` launches of the autotuner's time
+    of the chosen tile (on CUDA, for a shape it timed: the kernel alone on that call's tensors, the best of three
+    rounds of three calls back to back, so that a tensor smaller than the L2 cache is read from it).
     With the kernels' time (a profile), the bytes give their bandwidth. The reference's fallbacks are not
     counted, nor the launches a CUDA graph replays (they do not run this module's code)."""
     global _TRAFFIC
@@ -312,8 +315,9 @@ def count_traffic():
 
 
 def _count(x: torch.Tensor, N: int, C1: int, C2: int, H: int, W: int, weight, bias, add,
-           options: Dict[str, Any]) -> None:
-    """Add one launch (``options`` as :func:`_launch` keys its tiles by) to :func:`count_traffic`'s counts."""
+           options: Dict[str, Any], tile: Tuple[int, int, int, int], timed_ms: Optional[float] = None) -> None:
+    """Add one launch (``options`` as :func:`_launch` keys its tiles by, with ``tile``; ``timed_ms``: the autotuner's
+    time of that tile for this call, where it timed one) to :func:`count_traffic`'s counts."""
     e = x.element_size()
     read = e * N * H * W * (C1 * (2 if options["res"] else 1) + C2)
     read += sum(t.numel() * t.element_size() for t in (weight, bias) if t is not None)
@@ -322,10 +326,17 @@ def _count(x: torch.Tensor, N: int, C1: int, C2: int, H: int, W: int, weight, bi
     written = e * N * H * W * (C1 + C2) * (2 if options["return_input"] else 1)
     name = f"{C1}+{C2} {H}x{W}" + "".join(f", {k}" for k in ("add", "res", "return_input", "subpixel", "act")
                                           if options[k])
-    for d in (_TRAFFIC, _TRAFFIC["by_call"].setdefault(name, dict(calls=0, bytes_read=0, bytes_written=0))):
+    by = _TRAFFIC["by_call"].setdefault(name, dict(calls=0, bytes_read=0, bytes_written=0, timed_calls=0,
+                                                   timed_ms=0.0, tiles=[]))
+    for d in (_TRAFFIC, by):
         d["calls"] += 1
         d["bytes_read"] += read
         d["bytes_written"] += written
+    if list(tile) not in by["tiles"]:
+        by["tiles"].append(list(tile))
+    if timed_ms is not None:
+        by["timed_calls"] += 1
+        by["timed_ms"] += timed_ms
 
 
 def _autotune_on(x: torch.Tensor) -> bool:
@@ -369,7 +380,7 @@ def _tile(x: torch.Tensor, key: Any, run: Callable[[Tuple[int, int, int, int]], 
     tile = cands[min(ok)[1]] if ok else cands[0]
     _TUNED[key] = dict(shape=list(x.shape), strides=list(x.stride()), dtype=str(x.dtype).replace("torch.", ""),
                        options=dict(options), tile=tuple(tile), candidates=[list(c) for c in cands],
-                       ms=[None if m is None else round(m, 4) for m in ms])
+                       ms=[None if m is None else round(m, 4) for m in ms], best_ms=min(ok)[0] if ok else None)
     return tile
 
 
@@ -434,9 +445,11 @@ def _launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
                    res=res is not None, x2=None if x2 is None else x2.shape[1], return_input=bool(return_input),
                    subpixel=bool(subpixel))
     key = (tuple(x.shape), sx, sr, s2, sy, x.dtype, x.device, num_groups, tuple(options.items()))
-    run(tuple(tile) if tile is not None else _tile(x, key, run, num_groups, C, hw, options))
+    chosen = tuple(tile) if tile is not None else _tile(x, key, run, num_groups, C, hw, options)
+    run(chosen)
     if _TRAFFIC is not None:
-        _count(x, N, C1, C - C1, H, W, weight, bias, add, options)
+        timed = _TUNED.get(key) if tile is None else None
+        _count(x, N, C1, C - C1, H, W, weight, bias, add, options, chosen, timed and timed.get("best_ms"))
     return (y, s) if return_input else y
 
 

@@ -373,9 +373,14 @@ def test_the_benchmark_times_the_kernel_alone(tmp_path):
 
 
 @needs_kernel
-def test_the_benchmark_counts_the_kernels_traffic(tmp_path):
+def test_the_benchmark_counts_the_kernels_traffic(tmp_path, monkeypatch):
     """benchmarks/throughput.py's count of what the kernel moves in one forward of the folded network (the
-    sampling option's), and its bandwidth from the kernel time a profile reports; record.py renders it."""
+    sampling option's), and its bandwidth from the kernel time a profile reports and, per call, from the
+    autotuner's timing (faked here: the autotuner times on CUDA only); record.py renders both."""
+    monkeypatch.setattr(kernels, "_TUNED", {})
+    monkeypatch.setattr(kernels, "_autotune_on", lambda x: True)
+    monkeypatch.setattr(kernels, "_VALUES_PER_THREAD", (1, 1024))  # two or more candidates for each tiny shape
+    monkeypatch.setattr(kernels, "_time_tile", lambda tile, run, device: (run(), 0.01 * tile[3] + 1e-4 * tile[1])[1])
     run = _benchmark_run(_benchmark_module("throughput"), tmp_path)
     m = UNet.from_preset("tiny", ch=16).eval()
     norms = sum(isinstance(mod, torch.nn.GroupNorm) for mod in m.modules())
@@ -389,6 +394,16 @@ def test_the_benchmark_counts_the_kernels_traffic(tmp_path):
     assert kt["calls_per_forward"] == norms and len(kt["by_call"]) > 1, kt
     gb = (kt["bytes_read"] + kt["bytes_written"]) / 1e9
     assert kt["gb"] == pytest.approx(gb, rel=1e-3) and kt["tb_per_s"] == pytest.approx(gb / 0.5, rel=1e-3)
+    # each call's time alone: the fake timing of the tile the autotuner chose (the fewest warps, then groups)
+    for v in kt["by_call"].values():
+        (tile,) = v["tiles"]
+        assert v["timed_calls"] == v["calls"] and tile[3] == 4, v
+        assert v["timed_ms"] == pytest.approx(v["calls"] * (0.04 + 1e-4 * tile[1]), rel=1e-3), v
+        assert v["timed_tb_per_s"] == pytest.approx((v["bytes_read"] + v["bytes_written"]) / 1e9 / v["timed_ms"],
+                                                    rel=1e-3)
+    alone = sum(v["timed_ms"] for v in kt["by_call"].values())
+    assert kt["timed_kernel_ms"] == pytest.approx(alone, rel=1e-3)
+    assert kt["timed_tb_per_s"] == pytest.approx(gb / alone, rel=1e-3)
     import json
 
     data = json.loads((BENCHMARKS / "results" / "nvidia-h200.json").read_text())
@@ -397,6 +412,12 @@ def test_the_benchmark_counts_the_kernels_traffic(tmp_path):
     assert (f"ddpm_lib `fast_fold`: the GroupNorm kernel (`ddpm_lib.kernels`) moves {kt['gb']:.3g} GB per forward "
             f"({kt['bytes_read'] / 1e9:.3g} read, {kt['bytes_written'] / 1e9:.3g} written) in {norms} launches, in "
             f"0.5 ms of kernel time (profile): **{kt['tb_per_s']:.3g} TB/s** on average") in section
+    name, v = next(iter(kt["by_call"].items()))
+    assert (f"| {name} | {v['calls']} | {(v['bytes_read'] + v['bytes_written']) / v['calls'] / 1e6:,.1f} | "
+            f"{v['timed_ms'] / v['calls'] * 1e3:,.0f} | {v['timed_tb_per_s']:.2f} | "
+            f"({', '.join(map(str, v['tiles'][0]))}) |") in section
+    assert (f"| **all, per forward** | {norms} | {kt['gb']:.3g} GB | **{alone:.2f} ms** (profile: 0.50 ms) | "
+            f"**{kt['timed_tb_per_s']:.2f}** | |") in section
 
 
 @needs_kernel
