@@ -43,6 +43,13 @@ def _auto_bool(value: str):
     raise argparse.ArgumentTypeError(f"expected on, off or auto, got {value!r}")
 
 
+def _on_off(value: str) -> bool:
+    v = _auto_bool(value)
+    if v == "auto":
+        raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+    return v
+
+
 def _positive_int(value: str) -> int:
     try:
         v = int(value)
@@ -109,11 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup", type=_nonneg_int, default=None, help="linear learning-rate warm-up steps [5000]")
     o.add_argument("--grad-clip", type=float, default=None, help="clip the gradient's global norm; 0: off [1.0]")
     o.add_argument("--ema-decay", type=float, default=None, help="EMA decay [0.9999]; ~0.999 for short runs")
-    o.add_argument("--ema-warmup", type=_auto_bool, default=None, metavar="on|off",
+    o.add_argument("--ema-warmup", type=_on_off, default=None, metavar="on|off",
                    help="EMA decay min(decay, (1+step)/(10+step)) [off]")
     o.add_argument("--cond-drop-prob", type=float, default=None,
                    help="label dropout probability for classifier-free guidance [0]")
-    o.add_argument("--hflip", type=_auto_bool, default=None, metavar="on|off",
+    o.add_argument("--hflip", type=_on_off, default=None, metavar="on|off",
                    help="random horizontal flips (the paper's CIFAR-10 augmentation) [off]")
     o.add_argument("--seed", type=int, default=None, help="random seed [0]")
     d = t.add_argument_group("diffusion (paper defaults)")

@@ -445,7 +445,7 @@ def _postprocess(data: ImageData, *, size, resize_mode, pad_to, limit, classes) 
     pad_to = _check_positive_int(pad_to, "pad_to")
     limit = _check_positive_int(limit, "limit")
     if classes is not None:
-        data = _select_classes(data, [classes] if isinstance(classes, (str, int)) else list(classes))
+        data = _select_classes(data, [classes] if isinstance(classes, (str, int, np.integer)) else list(classes))
     if limit is not None:
         data = dataclasses.replace(data, images=data.images[:limit], labels=data.labels[:limit])
     images = data.images

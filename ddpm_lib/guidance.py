@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, MeanType
 from .nn import timestep_embedding
 
 __all__ = [
@@ -155,8 +155,13 @@ def classifier_guided_eps(model, classifier: nn.Module, diffusion: GaussianDiffu
 
     ``eps_hat = eps_theta(x_t, t) - sqrt(1 - abar_t) * scale * grad_x log p_phi(y | x_t, t)``.
 
+    For a model that predicts x_0 or v (``diffusion.mean_type``), the output is the x_0 or v that this
+    ``eps_hat`` stands for: ``x0 + sqrt(1 - abar) / sqrt(abar) * shift`` or ``v - shift / sqrt(abar)``, with
+    ``shift = sqrt(1 - abar_t) * scale * grad``.
+
     Args:
-        model: ``eps_theta``, called as ``model(x, t, **model_kwargs)`` (unconditional or not).
+        model: the network (``eps_theta``, or x_0 or v as ``diffusion.mean_type`` says), called as
+            ``model(x, t, **model_kwargs)`` (unconditional or not).
         classifier: ``classifier(x_t, t) -> logits (B, K)``, e.g. a trained :class:`NoisyClassifier`.
         x, t, y: ``x_t (B, C, ...)``, timesteps ``(B,)`` (0-based), labels ``(B,)``.
         scale: the guidance scale ``s`` (a float or a ``(B,)`` tensor); 0 returns the model's output.
@@ -170,9 +175,18 @@ def classifier_guided_eps(model, classifier: nn.Module, diffusion: GaussianDiffu
     grad = classifier_grad(classifier, x, t, y).to(out.dtype)
     shift = diffusion._extract("sqrt_one_minus_alphas_cumprod", t, grad) * _scale_like(scale, grad) * grad
     c = x.shape[1]
+    pred = out[:, :c]
+    if diffusion.mean_type is MeanType.EPS:
+        guided = pred - shift
+    elif diffusion.mean_type is MeanType.X0:  # the x_0 of the guided eps
+        eps = diffusion.predict_noise_from_start(x, t, pred) - shift
+        guided = diffusion.predict_start_from_noise(x, t, eps).to(out.dtype)
+    else:  # v
+        eps = diffusion.predict_noise_from_v(x, t, pred) - shift
+        guided = diffusion.get_v(diffusion.predict_start_from_noise(x, t, eps), eps, t).to(out.dtype)
     if out.shape[1] == c:
-        return out - shift
-    return torch.cat([out[:, :c] - shift, out[:, c:]], dim=1)
+        return guided
+    return torch.cat([guided, out[:, c:]], dim=1)
 
 
 class ClassifierGuidedModel(nn.Module):
@@ -184,8 +198,9 @@ class ClassifierGuidedModel(nn.Module):
     (or ``ddpm_sample``) samples with classifier guidance. ``y`` is not passed on to ``model``.
 
     Args:
-        model: ``eps_theta(x, t)``; classifier: ``p_phi(y | x_t, t)``; diffusion: the schedule the
-        model was trained with; scale: the guidance scale ``s`` (float or ``(B,)`` tensor).
+        model: ``eps_theta(x, t)`` (or x_0 or v, as ``diffusion.mean_type`` says); classifier:
+        ``p_phi(y | x_t, t)``; diffusion: the schedule and parameterisation the model was trained with;
+        scale: the guidance scale ``s`` (float or ``(B,)`` tensor).
     """
 
     def __init__(self, model: nn.Module, classifier: nn.Module, diffusion: GaussianDiffusion, scale: Scale = 1.0):

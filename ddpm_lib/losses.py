@@ -76,11 +76,12 @@ def discretized_gaussian_log_likelihood(
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     cdf_delta = cdf_plus - cdf_min
-    # Data lie on the grid -1, -1 + 2/(num_bins-1), ..., 1: the lowest and highest bins are open.
+    # Data lie on the grid -1, -1 + 2/(num_bins-1), ..., 1: the lowest and highest bins are open (the paper's
+    # code tests x < -0.999 and x > 0.999, the same for 256 levels; half a bin from the ends holds for any number)
     log_probs = torch.where(
-        x < -0.999,
+        x < -1.0 + half_bin,
         log_cdf_plus,
-        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
+        torch.where(x > 1.0 - half_bin, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
     )
     return log_probs
 

@@ -112,8 +112,8 @@ def ddim_timesteps(num_timesteps: int, steps: int, skip_type: str = "uniform") -
 
     ``"uniform"``: ``0, c, 2c, ...`` with ``c = T // steps`` (the DDIM paper's
     ``tau_i = (i - 1) T / S``, e.g. 0, 20, ..., 980 for T = 1000, S = 50; the same as the
-    ``"leading"`` spacing of common libraries). ``"quadratic"``: ``floor((sqrt(0.8 T) i / S)^2)``,
-    the DDIM paper's choice for CIFAR-10. ``"linspace"``: ``round(linspace(0, T-1, S))``, which
+    ``"leading"`` spacing of common libraries). ``"quadratic"``: ``floor((sqrt(0.8 T) (i - 1) / (S - 1))^2)``
+    for ``i = 1..S`` (0 to 0.8 T), the DDIM paper's choice for CIFAR-10, as its code computes it. ``"linspace"``: ``round(linspace(0, T-1, S))``, which
     also visits the last timestep. ``"trailing"``: ``T-1, T-1-c, ...`` counted down from the last
     timestep (the "trailing" spacing of Lin et al. 2024), so that even one step starts at t = T-1.
     """
@@ -127,7 +127,8 @@ def ddim_timesteps(num_timesteps: int, steps: int, skip_type: str = "uniform") -
     elif skip_type == "linspace":
         seq = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(int)
     elif skip_type == "trailing":
-        seq = (np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(int) - 1)[::-1]
+        # steps values exactly (np.arange with a float step can give one more, just above 0)
+        seq = (np.round(num_timesteps - np.arange(steps) * (num_timesteps / steps)).astype(int) - 1)[::-1]
     else:
         raise ValueError(
             f"unknown skip_type {skip_type!r}; choose 'uniform', 'quadratic', 'linspace' or 'trailing'"

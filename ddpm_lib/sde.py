@@ -167,6 +167,9 @@ def score_from_eps(model: nn.Module, sde: VPSDE, num_timesteps: int,
     kw = dict(model_kwargs or {})
 
     def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if bool((torch.as_tensor(t) <= 0).any()):
+            raise ValueError("an eps-network's score -eps / sigma(t) is undefined at t = 0 (sigma(0) = 0): "
+                             f"start or end the ODE at t > 0, e.g. the first DDPM step t = 1/T = {1 / num_timesteps:g}")
         label = sde.index_of_time(t, num_timesteps)
         eps = model(x, label, **kw)
         if eps.shape != x.shape:

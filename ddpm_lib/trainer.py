@@ -213,6 +213,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, bool) or v == "auto"):
                 raise ValueError(f"{name} must be True, False or 'auto', got {v!r}")
+        for name in ("hflip", "ema_warmup", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain JSON values."""
@@ -636,6 +639,9 @@ class Trainer:
         self.model.train()
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup)
         self.num_classes = getattr(model, "num_classes", None) or None
+        if config.cond_drop_prob > 0 and not self.num_classes:
+            raise ValueError(f"cond_drop_prob={config.cond_drop_prob} drops class labels, but the model is not "
+                             f"class-conditional (no num_classes): build it with num_classes, or leave cond_drop_prob 0")
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no trainable parameters")
@@ -701,6 +707,13 @@ class Trainer:
             images, labels, name = data.images, data.labels, data.name
         elif isinstance(data, TensorLoader):
             images, labels = data.images, data.labels
+            # the trainer draws its own batches from the loader's tensors: its settings must be the trainer's
+            if data.batch_size != config.batch_size or data.hflip != config.hflip:
+                raise ValueError(
+                    f"the Trainer draws its own batches from a TensorLoader's tensors, with its own batch_size "
+                    f"({config.batch_size}) and hflip ({config.hflip}); the loader has batch_size {data.batch_size} "
+                    f"and hflip {data.hflip}: pass batch_size={data.batch_size}, hflip={data.hflip} to the Trainer "
+                    f"(or the tensors themselves)")
         elif torch.is_tensor(data):
             images = data
         elif isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
@@ -942,8 +955,8 @@ class Trainer:
                 self.step += 1
                 self._consistent = True
                 pbar.update(1)
-                if self._interrupted:
-                    break
+                # an interrupted step is finished like any other (its log entry, checkpoint and grid), so
+                # that a resumed run's history equals an uninterrupted one's; then training stops
                 if not self._sync_each_step and self.step % cfg.log_every == 0:
                     self._check_finite()
                 if self.step % cfg.log_every == 0:
@@ -953,6 +966,8 @@ class Trainer:
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and self.out_dir is not None:
                     self._check_finite()
                     self.sample_grid()
+                if self._interrupted:
+                    break
         except KeyboardInterrupt:
             # Only without our handler (e.g. outside the main thread): save if between two steps.
             pbar.close()
@@ -1176,6 +1191,9 @@ class Trainer:
         theirs = state["config"]
         check_config(theirs, {"model_config": mine["model"]["config"] or {}}, path)
         check_config(theirs, {"diffusion": {k: v for k, v in mine["diffusion"].items()}}, path)
+        # a non-finite step flagged before (the weights it spoilt are being replaced) and a pending interrupt
+        self._first_bad.fill_(-1)
+        self._interrupted = False
         try:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
@@ -1267,6 +1285,8 @@ def train(model: nn.Module, diffusion: GaussianDiffusion, data, *, steps: Option
           resume: Union[bool, PathLike] = False, **options) -> Trainer:
     """Build a :class:`Trainer`, optionally resume it (``resume=True``: from ``out_dir/last.pt`` if it
     exists; or a path), train for ``steps``/``minutes``, and return the trainer."""
+    if resume is True and out_dir is None:
+        raise ValueError("resume=True resumes from out_dir/last.pt: give out_dir (or resume=<checkpoint path>)")
     trainer = Trainer(model, diffusion, data, device=device, out_dir=out_dir, **options)
     if resume:
         path = trainer.out_dir / "last.pt" if resume is True and trainer.out_dir is not None else resume

@@ -119,6 +119,10 @@ def test_errors_are_one_line(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--preset", "imagenet", "--out", str(tmp_path)])
     assert e.value.code == 2
+    for flag in ("--hflip", "--ema-warmup"):  # on|off only ("auto" would have counted as on)
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--out", str(tmp_path), flag, "auto"])
+        assert e.value.code == 2
 
 
 def test_help_documents_every_option(capsys):

@@ -97,6 +97,8 @@ def test_fashion_mnist_test_split_pad_limit_classes(fashion):
     assert (padded.images[:, :, border] == -1).all()
     sneakers = D.load_dataset("fashion_mnist", classes=["Sneaker", 9], limit=100, download=False)
     assert set(sneakers.labels.tolist()) <= {7, 9} and len(sneakers) == 100
+    nines = D.load_dataset("fashion_mnist", classes=np.int64(9), limit=10, download=False)  # a numpy integer too
+    assert set(nines.labels.tolist()) == {9}
 
 
 def test_available_datasets_lists_offline_sets(tmp_path):

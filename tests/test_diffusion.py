@@ -159,6 +159,12 @@ def test_discretized_gaussian_log_likelihood_matches_scipy():
         ref = np.diff(stats.norm.cdf(edges, loc=mean, scale=math.exp(log_scale)))
         # the tanh approximation of the normal CDF is good to about 3e-4 absolute
         assert np.abs(p.numpy() - ref).max() < 5e-4
+    for bins in (2, 16, 4096):  # the open edge bins are the first and last at any number of levels
+        grid = torch.linspace(-1, 1, bins, dtype=torch.float64)
+        for mean in (0.0, -0.99):
+            logp = discretized_gaussian_log_likelihood(grid, torch.full_like(grid, mean),
+                                                       torch.full_like(grid, math.log(0.1)), num_bins=bins)
+            assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-6), (bins, mean)
 
 
 def _oracle(d, point):

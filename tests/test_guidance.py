@@ -98,6 +98,30 @@ def test_guided_eps_formula_and_exact_mixture_identity():
         assert torch.allclose(classifier_guided_eps(model, clf, d, x, t, y, per_example), expected, atol=1e-12)
 
 
+def test_guidance_of_x0_and_v_models_is_that_of_their_eps():
+    """A model that predicts x_0 or v, guided, returns the x_0 or v of the guided eps: the exact mixture's
+    networks in the three parameterisations give the component's eps after conversion."""
+    mix = toy_mixture("gaussian_mixture")
+    d_eps = GaussianDiffusion(num_timesteps=100)
+    clf = MixtureClassifier(mix, d_eps)
+    x = torch.randn(7, 2, dtype=torch.float64)
+    for mean_type in ("x0", "v"):
+        d = GaussianDiffusion(num_timesteps=100, mean_type=mean_type)
+        eps_model = MixtureEps(mix, d_eps)
+
+        def model(x, t, eps_model=eps_model, d=d, mean_type=mean_type):  # the same network, as x_0 or v
+            eps = eps_model(x, t)
+            x0 = d.predict_start_from_noise(x, t, eps)
+            return x0 if mean_type == "x0" else d.get_v(x0, eps, t)
+
+        for step in (0, 30, 99):
+            t = torch.full((7,), step)
+            for k in range(3):
+                out = classifier_guided_eps(model, clf, d, x, t, torch.full((7,), k), 1.0)
+                eps = d.predict_noise_from_start(x, t, out) if mean_type == "x0" else d.predict_noise_from_v(x, t, out)
+                assert torch.allclose(eps, MixtureEps(mix, d_eps, k)(x, t), atol=1e-8), (mean_type, step, k)
+
+
 def test_guided_model_in_the_samplers_and_learned_variance_channels():
     torch.manual_seed(0)
     d = GaussianDiffusion(num_timesteps=50)

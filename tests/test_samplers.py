@@ -98,6 +98,10 @@ def test_ddim_timesteps_are_the_papers():
     assert ddim_timesteps(1000, 1, "trailing").tolist() == [999]
     assert ddim_timesteps(1000, 4, "trailing").tolist() == [249, 499, 749, 999]
     assert ddim_timesteps(1000, 1000, "trailing").tolist() == list(range(1000))
+    for T in (1000, 100, 7):  # every step count is valid (float steps once gave one value too many, -1)
+        for steps in range(1, T + 1):
+            seq = ddim_timesteps(T, steps, "trailing")
+            assert len(seq) == steps and seq[0] >= 0 and seq[-1] == T - 1, (T, steps)
     with pytest.raises(ValueError, match="steps"):
         ddim_timesteps(100, 0)
     with pytest.raises(ValueError, match="skip_type"):

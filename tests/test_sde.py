@@ -146,6 +146,11 @@ def test_score_from_eps_uses_real_labels():
     out = s(torch.zeros(3, 2, dtype=F64), t)
     assert torch.allclose(seen["t"], torch.tensor([0.0, 49.0, 99.0], dtype=F64))
     assert torch.allclose(out, -1 / sde.marginal_std(t)[:, None].expand(3, 2))
+    # sigma(0) = 0: a clear error instead of an infinite score (e.g. ode_log_likelihood's default t_start)
+    with pytest.raises(ValueError, match="undefined at t = 0"):
+        s(torch.zeros(3, 2, dtype=F64), torch.tensor([0.0, 0.5, 1.0], dtype=F64))
+    with pytest.raises(ValueError, match="t = 1/T"):
+        ode_log_likelihood(s, sde, torch.zeros(3, 2, dtype=F64))
 
 
 def test_consistency_boundary_and_scalings():

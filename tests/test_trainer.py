@@ -312,6 +312,7 @@ def test_ctrl_c_saves_then_resume_is_bit_identical(digits, reference, tmp_path):
     assert tr2.cfg == TrainConfig(**{k: v for k, v in OPTS.items() if k != "device"})
     tr2.train(steps=STEPS)
     _assert_identical(_states(tr2), _states(reference))
+    assert tr2.history == reference.history  # step 2, interrupted, is a logging step: its entry is kept
 
 
 def test_ignored_ctrl_c_stays_ignored(digits, tmp_path):
@@ -420,7 +421,7 @@ def test_export_ema_only_fp16(digits, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- failures
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(digits, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(digits, reference, tmp_path):
     tr = _trainer(digits, tmp_path, save_every=2)
     calls = []
 
@@ -428,7 +429,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(digits, tmp_path):
         calls.append(1)
         return output * float("nan") if len(calls) >= 5 else output
 
-    tr.model.register_forward_hook(poison)
+    hook = tr.model.register_forward_hook(poison)
     with pytest.raises(NonFiniteLossError, match="non-finite at step 5") as e:
         tr.train(steps=STEPS)
     assert e.value.step == 5
@@ -436,6 +437,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(digits, tmp_path):
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert str(tmp_path / "last.pt") in str(e.value)
+    # the same trainer, resumed from that checkpoint, trains on as an uninterrupted run (the flag is cleared)
+    hook.remove()
+    tr.resume()
+    tr.train(steps=STEPS)
+    _assert_identical(_states(tr), _states(reference))
 
 
 def test_out_of_memory_says_what_to_change_and_lets_go(digits, tmp_path):
@@ -512,6 +518,22 @@ def test_bad_options():
         TrainConfig(cond_drop_prob=1.0)
     with pytest.raises(ValueError, match="bf16"):
         TrainConfig(bf16="yes")
+    for name in ("hflip", "ema_warmup", "progress"):  # on/off only: a string would count as on
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**{name: "off"})
+
+
+def test_options_the_trainer_would_ignore_are_refused(digits, tmp_path):
+    from ddpm_lib import make_loader, train
+
+    with pytest.raises(ValueError, match="not class-conditional"):
+        Trainer(_model(), _diffusion(), digits, device="cpu", cond_drop_prob=0.1)
+    loader = make_loader(digits.images, batch_size=8, hflip=True)
+    with pytest.raises(ValueError, match="pass batch_size=8, hflip=True"):
+        Trainer(_model(), _diffusion(), loader, device="cpu")
+    Trainer(_model(), _diffusion(), loader, device="cpu", batch_size=8, hflip=True)  # matching: accepted
+    with pytest.raises(ValueError, match="give out_dir"):
+        train(_model(), _diffusion(), digits, steps=1, device="cpu", resume=True)
 
 
 @pytest.mark.gpu
