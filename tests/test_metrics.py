@@ -108,3 +108,8 @@ def test_fd_bad_inputs():
         metrics._prepare_fashion(torch.zeros(3, 1, 20, 20))
     with pytest.raises(ValueError, match="n must lie"):
         fd_fashion(torch.zeros(3, 1, 28, 28), n=10)
+    from ddpm_lib.data import available_datasets
+
+    if "fashion_mnist" in available_datasets():  # set A of the default reference is the 10,000 test images
+        with pytest.raises(ValueError, match="more than the 10,000 images"):
+            fd_fashion(torch.zeros(10_001, 1, 28, 28))
