@@ -101,8 +101,9 @@ class Autoencoder(nn.Module):
                             ("image_size", image_size), ("num_res_blocks", num_res_blocks), ("num_groups", num_groups)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < (0 if name == "num_res_blocks" else 1):
-                raise ValueError(f"{name} must be at least 1, got {value}")
+            lowest = 0 if name == "num_res_blocks" else 1
+            if value < lowest:
+                raise ValueError(f"{name} must be at least {lowest}, got {value}")
         ch_mult = [int(m) for m in ch_mult]
         if not ch_mult or min(ch_mult) < 1:
             raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {ch_mult}")

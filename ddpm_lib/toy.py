@@ -39,6 +39,8 @@ class ToyMLP(nn.Module):
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
+        if y is not None and self.label_emb is None:
+            raise ValueError("y (class labels) was given to an unconditional model; build it with num_classes")
         emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(x.dtype))
         if self.label_emb is not None:
             if y is None:

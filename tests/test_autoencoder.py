@@ -70,6 +70,8 @@ def test_bad_arguments():
         Autoencoder(image_size=30)
     with pytest.raises(ValueError, match="preset"):
         Autoencoder.from_preset("imagenet")
+    with pytest.raises(ValueError, match="num_res_blocks must be at least 0"):
+        Autoencoder(num_res_blocks=-1)
     ae = Autoencoder.from_preset("tiny")
     with pytest.raises(ValueError, match="x must have shape"):
         ae.encode(torch.zeros(1, 1, 16, 16))

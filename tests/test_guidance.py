@@ -151,6 +151,8 @@ def test_cfg_of_the_library_models_is_the_rearranged_formula():
     eps_c, eps_u = mlp(x, t, y=y), mlp(x, t)
     for w in (0.0, 1.0, 3.0):
         assert torch.allclose(mlp(x, t, y=y, guidance_scale=w), eps_u + (1 + w) * (eps_c - eps_u), atol=1e-5)
+    with pytest.raises(ValueError, match="unconditional"):  # labels are not silently dropped
+        ToyMLP(dim=4)(x, t, y=y)
 
 
 def test_accuracy_and_diversity():
