@@ -35,8 +35,15 @@ else
   echo "gpu_run.sh: no .whl/*.whl carried; diffusers must already be installed" >&2
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-python3 -c "import diffusers; print('diffusers', diffusers.__version__)" \
-  || echo "gpu_run.sh: WARNING: diffusers does not import; the run will have no baseline" >&2
+if ! python3 -c "import diffusers; print('diffusers', diffusers.__version__)"; then
+  # on the GPU a run without diffusers has no baseline: stop before spending the device time
+  if [ "$DEVICE" = cuda ] && { [ -z "$MODES" ] || [[ "$MODES" == *diffusers:* ]]; }; then
+    echo "gpu_run.sh: diffusers does not import, so the run would have no baseline; carry .whl/ with its wheel" \
+      "(benchmarks/RESULTS.md, 'How to measure and record')" >&2
+    exit 2
+  fi
+  echo "gpu_run.sh: WARNING: diffusers does not import; the run will have no baseline" >&2
+fi
 [ "$DEVICE" = cuda ] && { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; }
 set -o pipefail
 PYTHONUNBUFFERED=1 python3 benchmarks/throughput.py --device "$DEVICE" --budget-s "$BUDGET" --out "$OUT" \

@@ -175,7 +175,9 @@ def render(data: Dict[str, Any], json_name: str) -> str:
                    "`_all` the three, `_fold` the three with each residual sum and skip concatenation formed, each "
                    "convolution bias added and each sub-pixel upsampling interleaved by the GroupNorm kernel that "
                    "follows it (`accel.set_residual_fold`), `_gnm` every GroupNorm from "
-                   "per-channel moments.")
+                   "per-channel moments. The TFLOP/s of every row count the paper network's multiply-adds; `_sp`, "
+                   "`_all` and `_fold` do fewer (the upsampling convolutions at the low resolution), so theirs "
+                   "are equivalent rates.")
         out.append("")
     if option:
         out.append("‡ The experiment that ddpm_lib's sampling option `accel.make_sampler_forward(experimental=True)` "

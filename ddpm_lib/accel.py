@@ -619,9 +619,13 @@ def set_residual_fold(model: nn.Module, on: bool = True) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- upsampling
-#: for each output phase a (row or column parity of the upsampled image): which of the 3x3 kernel's taps
-#: fall on the low-resolution pixel before (row 0) and on the one at or after (row 1)
-_SUBPIXEL_TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
+def _phase_taps(w: torch.Tensor, phase: int, dim: int) -> torch.Tensor:
+    """The 3 taps of ``w`` along ``dim`` summed into the 2 of an output ``phase`` (row or column parity of the
+    upsampled image): the taps that fall on the low-resolution pixel before, and on the one at or after:
+    phase 0: ``(w0, w1 + w2)``, phase 1: ``(w0 + w1, w2)``. Slices of ``w``, no host constant, so that an eager
+    forward can be captured in a CUDA graph."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack((w0, w1 + w2) if phase == 0 else (w0 + w1, w2), dim)
 
 
 def upsample_conv_subpixel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -648,9 +652,9 @@ def upsample_phases(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     convolution with ``4 * O`` outputs and padding 1, ``(B, C, H, W)`` -> ``(B, 4 O, H + 1, W + 1)``
     (:func:`ddpm_lib.kernels.subpixel_interleave`)."""
     O = weight.shape[0]
-    taps = torch.tensor(_SUBPIXEL_TAPS, dtype=weight.dtype, device=weight.device)  # (phase, 2, 3)
-    k = torch.einsum("asy,oiyx,btx->aboist", taps, weight, taps).reshape(4 * O, weight.shape[1], 2, 2)
-    return nn.functional.conv2d(x, k, None, padding=1)
+    # phase p = 2 a + b: rows summed for a, then columns for b -> (a, b, O, C, 2, 2)
+    k = torch.stack([torch.stack([_phase_taps(_phase_taps(weight, a, 2), b, 3) for b in (0, 1)]) for a in (0, 1)])
+    return nn.functional.conv2d(x, k.reshape(4 * O, weight.shape[1], 2, 2), None, padding=1)
 
 
 class SubpixelUpsample(Upsample):
