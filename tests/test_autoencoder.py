@@ -28,6 +28,11 @@ def test_kl_term_and_loss():
     out = ae.loss(x, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(out["kl"], kl, rtol=1e-12)
     assert torch.allclose(out["loss"], out["rec"] + 0.5 * out["kl"], rtol=1e-12)
+    # the reconstruction of z = mean + exp(logvar / 2) noise, the same noise redrawn
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        rec = ((ae.decoder(mean + torch.exp(0.5 * logvar) * noise) - x) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(out["rec"].detach(), rec, rtol=1e-12, atol=0)
     plain = Autoencoder.from_preset("tiny", latent="plain").double()
     out = plain.loss(x)
     assert torch.count_nonzero(out["kl"]) == 0 and torch.equal(out["loss"], out["rec"])

@@ -36,6 +36,11 @@ def test_closed_form_equals_the_iterated_chain(schedule):
             # and the exact moments of the closed form
             ab = d.alphas_cumprod[t]
             assert x.mean().item() == pytest.approx((ab.sqrt() * x0.mean()).item(), abs=5 * x.std().item() / math.sqrt(n))
+            # deterministically: q_sample's coefficients are the products over the paper's steps 1..t+1
+            prod = torch.prod(1 - d.betas[: t + 1])
+            torch.testing.assert_close(d.q_sample(x0[:8], tt[:8], torch.zeros_like(x0[:8])),
+                                       prod.sqrt() * x0[:8], rtol=1e-12, atol=0)
+            assert d.sqrt_one_minus_alphas_cumprod[t].item() ** 2 == pytest.approx(1 - prod.item(), rel=1e-12)
 
 
 def test_q_mean_variance_matches_q_sample():
@@ -235,6 +240,13 @@ def test_vlb_and_hybrid_losses():
     model2 = ToyMLP(dim=2, out_mult=2)
     out = h.training_losses(model2, torch.randn(8, 2), torch.arange(8) * 12)
     assert torch.allclose(out["loss"], out["mse"] + 0.001 * 100 * out["vb"])
+    # the bound trains the variance only (the mean is detached in it): no gradient reaches the mean's outputs
+    seen = {}
+    model2.register_forward_hook(lambda m, a, o: seen.update(out=o) or o.retain_grad())
+    out = h.training_losses(model2, torch.randn(8, 2), torch.arange(1, 9) * 12)
+    out["vb"].sum().backward()
+    grad = seen["out"].grad
+    assert torch.count_nonzero(grad[:, :2]) == 0 and torch.count_nonzero(grad[:, 2:]) > 0
     with pytest.raises(ValueError, match="learned_range"):
         GaussianDiffusion(loss_type="hybrid")
 
@@ -243,7 +255,9 @@ def test_learned_range_interpolates_between_the_two_variances():
     d = GaussianDiffusion("linear", num_timesteps=100, var_type="learned_range")
     x_t = torch.zeros(3, 2, dtype=torch.float64)
     t = torch.tensor([5, 5, 5])
-    for v, expect in ((-1.0, d.posterior_log_variance_clipped[5]), (1.0, torch.log(d.betas[5]))):
+    lo, hi = d.posterior_log_variance_clipped[5], torch.log(d.betas[5])
+    # the log-variance is interpolated (Nichol & Dhariwal), not the variance: at v = 0 the midpoint of the logs
+    for v, expect in ((-1.0, lo), (1.0, hi), (0.0, (lo + hi) / 2)):
         out = d.p_mean_variance(lambda x, tt: torch.cat([torch.zeros_like(x), torch.full_like(x, v)], 1), x_t, t)
         assert torch.allclose(out["log_variance"], expect.expand(3, 2))
 

@@ -1,3 +1,4 @@
+import math
 import numpy as np
 import pytest
 import torch
@@ -37,3 +38,11 @@ def test_sample_distances_are_zero_for_identical_sets_and_grow_with_shift():
     near, far = x + 0.1, x + 1.0
     assert 0 < energy_distance(x, near) < energy_distance(x, far)
     assert 0 < mmd_rbf(x, near) < mmd_rbf(x, far)
+    # the values themselves: scipy's energy distance (its square root), and the MMD of two points by hand
+    from scipy import stats
+
+    u, v = torch.randn(300, generator=g, dtype=torch.float64), torch.randn(200, generator=g, dtype=torch.float64) * 1.5
+    assert energy_distance(u[:, None], v[:, None]) == pytest.approx(stats.energy_distance(u, v) ** 2, rel=1e-10)
+    a, b = torch.zeros(1, 2), torch.tensor([[3.0, 4.0]])  # 5 apart: k(a, a) = 1 for each of the 5 bandwidths
+    expect = sum(2 - 2 * math.exp(-25 / (2 * h * h)) for h in (0.1, 0.2, 0.5, 1.0, 2.0))
+    assert mmd_rbf(a, b) == pytest.approx(expect, rel=1e-12)

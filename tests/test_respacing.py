@@ -28,6 +28,14 @@ def test_respacing_keeps_the_marginals(schedule):
     dk = respace(d, irregular)
     ab = d.alphas_cumprod.numpy()
     assert dk.betas[1].item() == pytest.approx(1 - ab[10] / ab[3], rel=1e-12)
+    # every other setting carries over, not only the defaults'
+    other = GaussianDiffusion(schedule, mean_type="v", var_type="learned_range", loss_type="hybrid", vlb_weight=0.01,
+                              decoder="gaussian", num_timesteps=1000)
+    dk = respace(other, 50)
+    assert (dk.mean_type, dk.var_type, dk.loss_type, dk.vlb_weight, dk.decoder) == \
+        (other.mean_type, other.var_type, other.loss_type, other.vlb_weight, other.decoder)
+    assert respace(GaussianDiffusion(schedule, var_type="fixed_small", num_timesteps=1000), 50).var_type == \
+        GaussianDiffusion(var_type="fixed_small").var_type
 
 
 def test_respaced_model_calls_original_timesteps():

@@ -47,6 +47,10 @@ def test_quadratic_and_sigmoid_share_the_linear_end_points():
     b = make_beta_schedule("quadratic", 1000)
     assert b[0].item() == pytest.approx(1e-4) and b[-1].item() == pytest.approx(0.02)
     assert (b.diff() >= 0).all()
+    # linear in sqrt(beta), not in beta: the midpoint of the square roots, squared
+    mid = torch.linspace(1e-4 ** 0.5, 0.02 ** 0.5, 1000, dtype=torch.float64)[500] ** 2
+    assert b[500].item() == pytest.approx(mid.item(), rel=1e-12)
+    assert not torch.allclose(b, make_beta_schedule("linear", 1000))
     b = make_beta_schedule("sigmoid", 1000)  # approaches the ends without reaching them
     assert 1e-4 < b[0].item() < 2e-4 and 0.0199 < b[-1].item() < 0.02
     assert (b.diff() >= 0).all()
