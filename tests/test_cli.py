@@ -164,16 +164,23 @@ def test_train_out_of_memory_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert "--batch-size on the command line" in err and len(err.splitlines()) == 1
 
 
-def test_sample_fast_path_is_wired_through(run, tmp_path, capsys):
+def test_sample_fast_path_is_wired_through(run, tmp_path, capsys, monkeypatch):
     """--fast on routes the network through accel.make_sampler_forward (bf16, channels_last and CUDA graphs
     on CUDA): on the CPU it changes nothing, so the samples are identical; conditional + guidance included."""
-    out = {}
+    from ddpm_lib import accel
+
+    calls = []
+    call = accel.SamplerForward.__call__
+    monkeypatch.setattr(accel.SamplerForward, "__call__", lambda self, *a, **k: calls.append(1) or call(self, *a, **k))
+    out, used = {}, {}
     for fast in ("on", "off"):
         npz = tmp_path / f"{fast}.npz"
+        calls.clear()
         assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "5", "--batch-size", "3", "--steps", "3",
                      "--eta", "1", "--fast", fast, "--device", "cpu", "--no-progress", "--out", str(npz)]) == 0
-        out[fast] = np.load(npz)["arr_0"]
+        out[fast], used[fast] = np.load(npz)["arr_0"], len(calls)
     np.testing.assert_array_equal(out["on"], out["off"])
+    assert used == {"on": 2 * 3, "off": 0}  # the sampler calls the fast forward: 2 batches x 3 steps
     assert "fast sampling on cpu: bf16 False, channels_last False, compile False, CUDA graph False" in \
         capsys.readouterr().out
     # the inference experiments: the same function, the sums in another order

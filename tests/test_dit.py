@@ -60,6 +60,12 @@ def test_sincos_table_depends_on_offsets_only():
     # <PE(a), PE(b)> depends only on b - a
     assert torch.allclose(gram[idx(0, 0), idx(2, 1)], gram[idx(2, 3), idx(4, 4)], atol=1e-12)
     assert torch.allclose(torch.diagonal(gram), torch.full((25,), 16.0, dtype=torch.float64))
+    # the values (the docstring's layout): row first, then column, each [sin, cos] with w_k = 1e4^(-k/8)
+    w = 1e4 ** (-torch.arange(8, dtype=torch.float64) / 8)
+    zero = torch.cat([torch.zeros(8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)])
+    torch.testing.assert_close(pe[idx(2, 3)], torch.cat([torch.sin(2 * w), torch.cos(2 * w),
+                                                         torch.sin(3 * w), torch.cos(3 * w)]), rtol=0, atol=1e-15)
+    torch.testing.assert_close(pe[idx(0, 1), :16], zero, rtol=0, atol=0)  # row 0
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_pos_embed_2d(30, 4)
 
