@@ -113,8 +113,8 @@ def ddim_timesteps(num_timesteps: int, steps: int, skip_type: str = "uniform") -
     ``"uniform"``: ``0, c, 2c, ...`` with ``c = T // steps`` (the DDIM paper's
     ``tau_i = (i - 1) T / S``, e.g. 0, 20, ..., 980 for T = 1000, S = 50; the same as the
     ``"leading"`` spacing of common libraries). ``"quadratic"``: ``floor((sqrt(0.8 T) (i - 1) / (S - 1))^2)``
-    for ``i = 1..S`` (0 to 0.8 T), the DDIM paper's choice for CIFAR-10, as its code computes it. ``"linspace"``: ``round(linspace(0, T-1, S))``, which
-    also visits the last timestep. ``"trailing"``: ``T-1, T-1-c, ...`` counted down from the last
+    for ``i = 1..S`` (0 to 0.8 T), the DDIM paper's choice for CIFAR-10, as its code computes it.
+    ``"linspace"``: ``round(linspace(0, T-1, S))``, which also visits the last timestep. ``"trailing"``: ``T-1, T-1-c, ...`` counted down from the last
     timestep (the "trailing" spacing of Lin et al. 2024), so that even one step starts at t = T-1.
     """
     if steps < 1 or steps > num_timesteps:

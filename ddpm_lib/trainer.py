@@ -641,7 +641,8 @@ class Trainer:
         self.num_classes = getattr(model, "num_classes", None) or None
         if config.cond_drop_prob > 0 and not self.num_classes:
             raise ValueError(f"cond_drop_prob={config.cond_drop_prob} drops class labels, but the model is not "
-                             f"class-conditional (no num_classes): build it with num_classes, or leave cond_drop_prob 0")
+                             "class-conditional (no num_classes): build it with num_classes, or leave "
+                             "cond_drop_prob 0")
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no trainable parameters")

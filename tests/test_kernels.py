@@ -386,7 +386,8 @@ def test_the_benchmark_counts_the_kernels_traffic(tmp_path, monkeypatch):
     norms = sum(isinstance(mod, torch.nn.GroupNorm) for mod in m.modules())
     fast = accel.prepare_model(m, DEVICE, bf16=False, channels_last=False, compile=False, **accel.SAMPLER_EXPERIMENTS)
     x, t = torch.randn(2, 3, 16, 16).to(DEVICE), torch.tensor([1, 9], device=DEVICE)
-    run.results["profiles"] = {"ours:fast_fold infer": dict(categories_ms_per_call={"GroupNorm (ddpm_lib.kernels)": 0.5})}
+    run.results["profiles"] = {"ours:fast_fold infer":
+                               dict(categories_ms_per_call={"GroupNorm (ddpm_lib.kernels)": 0.5})}
     row = dict(network="ours", mode="fast_fold", experiment=True, infer_images_per_s=1.0)
     with torch.no_grad():
         run.kernel_traffic(row, "ours:fast_fold", lambda: fast(x, t))
