@@ -28,7 +28,7 @@ _TRAIN_FLAGS = {
     "ema_decay": "ema_decay", "ema_warmup": "ema_warmup", "cond_drop_prob": "cond_drop_prob", "hflip": "hflip",
     "log_every": "log_every", "save_every": "save_every", "sample_every": "sample_every",
     "sample_n": "sample_n", "sample_steps": "sample_steps", "seed": "seed", "bf16": "bf16",
-    "channels_last": "channels_last", "compile": "compile", "cuda_graph": "cuda_graph",
+    "fp16": "fp16", "channels_last": "channels_last", "compile": "compile", "cuda_graph": "cuda_graph",
 }
 
 
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--bf16", type=_auto_bool, default=None, metavar="on|off|auto",
                    help="bfloat16 autocast with float32 master weights "
                         "[auto: on CUDA GPUs with native bf16, compute capability 8.0+]")
+    h.add_argument("--fp16", type=_on_off, default=None, metavar="on|off",
+                   help="float16 autocast with dynamic loss scaling and float32 master weights, for GPUs "
+                        "without native bf16 (T4, V100); turns bf16 and the CUDA graph off [off]")
     h.add_argument("--channels-last", type=_auto_bool, default=None, metavar="on|off|auto",
                    help="channels_last memory format [auto: on with CUDA]")
     h.add_argument("--compile", type=_auto_bool, default=None, metavar="on|off|auto",
@@ -316,7 +319,8 @@ def _cmd_train(args) -> int:
     _say(f"training {trainer.preset or 'model'} ({n_params:,} parameters) on {trainer.data_info.get('name')} "
          f"{trainer.data_info.get('shape')} on {trainer.device}: batch {c.batch_size}, lr {c.lr:g}, warm-up "
          f"{c.warmup}, grad clip {c.grad_clip}, EMA {c.ema_decay}{' (warm-up)' if c.ema_warmup else ''}, "
-         f"bf16 {trainer.use_bf16}, channels_last {trainer.use_channels_last}, compile {c.compile}, "
+         f"bf16 {trainer.use_bf16}, {'fp16 True (loss scaling), ' if trainer.use_fp16 else ''}"
+         f"channels_last {trainer.use_channels_last}, compile {c.compile}, "
          f"CUDA graph {trainer.use_cuda_graph}; "
          f"until step {steps if steps is not None else '-'}"
          f"{f' or {args.minutes:g} min' if args.minutes else ''}")

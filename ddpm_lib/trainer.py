@@ -25,6 +25,10 @@ are drawn there by index, so the loop never waits for the host; and each update 
 (forward, backward, clipping, Adam, EMA) is captured in one CUDA graph and replayed, with a capturable fused
 Adam whose learning rate lives on the device. ``t`` and the noise then come from a generator of their own
 (saved in checkpoints like the others), so a run with graphs draws other numbers than one without.
+On a GPU without native bf16 (a T4, a V100), ``fp16=True`` trains under float16 autocast instead, with
+dynamic loss scaling (``torch.amp.GradScaler``; float32 master weights and EMA as with bf16): an update
+whose gradient overflows is skipped and the scale halved. It is off by default and not measured on such a
+card here; it turns the CUDA graph off (the scaler decides on the host whether an update is applied).
 Measured on one H200 (``benchmarks/RESULTS.md``), compiling and the graph together train the paper's
 CIFAR-10 network about 2.5 times as fast as the same trainer with both off; the first step pays for the
 compilation (about 80 s there; ``compile=False`` for short runs). None of this is used on a CPU, where
@@ -48,6 +52,9 @@ Batches
 
 Non-finite losses
     A loss or gradient norm that is not finite raises :class:`NonFiniteLossError` naming the step.
+    Under ``fp16`` a non-finite gradient is the loss scaler's business instead (the update is skipped,
+    counted in ``trainer.skipped_steps``); it raises only once the scale has fallen below 1, i.e. when the
+    gradient overflows even unscaled.
     The check needs the value on the host: on the CPU it runs every step, before the optimizer
     update; on a GPU a flag is accumulated on the device (with the first bad step) and read every
     ``log_every`` steps and before every checkpoint, sample grid and at the end, so that no
@@ -146,7 +153,9 @@ class TrainingOutOfMemoryError(torch.cuda.OutOfMemoryError):
 class TrainConfig:
     """The training options; the defaults are the paper's (Ho et al. 2020, appendix B).
 
-    See the module docstring for what each means. ``bf16``, ``channels_last``, ``fused`` and
+    See the module docstring for what each means. ``fp16`` (default False) trains under float16 autocast with
+    dynamic loss scaling, for GPUs without native bf16 (a T4, a V100); it needs ``bf16`` and ``cuda_graph``
+    not True ("auto" turns them off). ``bf16``, ``channels_last``, ``fused`` and
     ``data_on_device`` accept ``"auto"`` (on for CUDA, off elsewhere; ``bf16`` only on GPUs with native
     bfloat16, see :func:`ddpm_lib.accel.bf16_native`); ``compile`` is ``"auto"`` (the default: try
     ``torch.compile`` on CUDA and fall back to eager on any failure), ``True`` or ``False``;
@@ -168,6 +177,7 @@ class TrainConfig:
     cond_drop_prob: float = 0.0
     hflip: bool = False
     bf16: Union[bool, str] = "auto"
+    fp16: bool = False
     channels_last: Union[bool, str] = "auto"
     compile: Union[bool, str] = "auto"
     cuda_graph: Union[bool, str] = "auto"
@@ -204,6 +214,9 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1], got {self.ema_decay!r}")
+        if self.fp16 is True and (self.bf16 is True or self.cuda_graph is True):
+            raise ValueError(f"fp16=True (float16 autocast with loss scaling) excludes "
+                             f"{'bf16=True' if self.bf16 is True else 'cuda_graph=True'}: choose one")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must lie in [0, 1), got {self.cond_drop_prob!r}")
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
@@ -213,7 +226,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, bool) or v == "auto"):
                 raise ValueError(f"{name} must be True, False or 'auto', got {v!r}")
-        for name in ("hflip", "ema_warmup", "progress"):
+        for name in ("hflip", "ema_warmup", "progress", "fp16"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -625,7 +638,12 @@ class Trainer:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         cuda = self.device.type == "cuda"
-        self.use_bf16 = _resolve_auto(config.bf16, cuda and bf16_native(self.device))
+        self.use_fp16 = config.fp16
+        self.use_bf16 = _resolve_auto(config.bf16, cuda and bf16_native(self.device)) and not self.use_fp16
+        # float16's narrow range: dynamic loss scaling (the scale as last read on the host, in _scale)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.use_fp16 else None
+        self._scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+        self.skipped_steps = 0
         self.use_channels_last = _resolve_auto(config.channels_last, cuda)
         self.diffusion = diffusion
         self.out_dir = None if out_dir is None else Path(out_dir).expanduser()
@@ -648,7 +666,7 @@ class Trainer:
             raise ValueError("model has no trainable parameters")
         self._params = params
         # the step through accel.TrainStep (a CUDA graph on CUDA; the same code without one elsewhere)
-        self._use_train_step = _resolve_auto(config.cuda_graph, cuda)
+        self._use_train_step = _resolve_auto(config.cuda_graph, cuda) and not self.use_fp16
         self.use_cuda_graph = self._use_train_step and cuda
         # fused where asked and available (else foreach); capturable (lr on the device) for the CUDA graph
         self.optimizer = make_optimizer(params, config.lr, config.adam_betas, config.adam_eps,
@@ -797,9 +815,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ one step
     def _autocast(self):
-        if self.use_bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if self.use_bf16 or self.use_fp16:
+            return torch.autocast(device_type=self.device.type,
+                                  dtype=torch.float16 if self.use_fp16 else torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def _loss(self, x, y) -> torch.Tensor:
         kw = {} if y is None else {"y": y}
@@ -823,17 +845,41 @@ class Trainer:
         else:
             loss = self._loss(x, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self._backward(loss)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clipping sees the true gradient
         gnorm = None
         if cfg.grad_clip is not None:
             gnorm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
-        self._flag_nonfinite(step, loss.detach(), gnorm)
+        # under fp16 an overflowing gradient is the scaler's (the update is skipped), a non-finite loss is not
+        self._flag_nonfinite(step, loss.detach(), None if self.scaler is not None else gnorm)
         if self._sync_each_step:
             self._check_finite()  # before the update: a bad update is never applied on the CPU
-        self.optimizer.step()
-        self.ema.update(self.model, step)
+        if self.scaler is None:
+            self.optimizer.step()
+            self.ema.update(self.model, step)
+        else:
+            self._scaled_update(step)
         self._loss_sum += loss.detach()
         self._loss_count += 1
+
+    def _scaled_update(self, step: int) -> None:
+        """The optimizer step through the loss scaler: skipped (EMA too) when the gradient overflowed, which
+        halves the scale. One host synchronisation (the scale) per update."""
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        before, self._scale = self._scale, self.scaler.get_scale()
+        if self._scale < before:  # the scaler found an inf/NaN gradient: no update was applied
+            self.skipped_steps += 1
+            if self._scale < 1.0:
+                self._write_history()
+                raise NonFiniteLossError(
+                    f"the gradient stayed non-finite under float16 loss scaling until the scale fell to "
+                    f"{self._scale:g} (step {step + 1}; {self.skipped_steps} updates skipped in all): it "
+                    f"overflows even unscaled. Try fp16=False, a lower learning rate (lr={self.cfg.lr:g}) or "
+                    f"gradient clipping.", step=step + 1, checkpoint=self.last_checkpoint)
+            return
+        self.ema.update(self.model, step)
 
     def _flag_nonfinite(self, step: int, loss: torch.Tensor, gnorm: Optional[torch.Tensor]) -> None:
         """Remember the first update (1-based) whose loss or gradient norm is not finite, on the device
@@ -866,7 +912,7 @@ class Trainer:
             self._forward = torch.compile(self.model)
             loss = self._loss(x, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self._backward(loss)
             self.compiled = True
             return loss
         except Exception as exc:  # noqa: BLE001 - any compiler failure
@@ -882,7 +928,7 @@ class Trainer:
                 torch.cuda.set_rng_state(rng[2], self.device)
             self.optimizer.zero_grad(set_to_none=True)
             loss = self._loss(x, y)
-            loss.backward()
+            self._backward(loss)
             return loss
 
     def _check_finite(self) -> None:
@@ -894,7 +940,8 @@ class Trainer:
             self._write_history()
             raise NonFiniteLossError(
                 f"the loss (or gradient) became non-finite at step {bad}; training stopped and {where}. "
-                f"Try a lower learning rate (lr={self.cfg.lr:g}), gradient clipping, or bf16=False.",
+                f"Try a lower learning rate (lr={self.cfg.lr:g}), gradient clipping, or "
+                f"{'fp16' if self.use_fp16 else 'bf16'}=False.",
                 step=bad, checkpoint=self.last_checkpoint)
 
     def _check_weights(self) -> None:
@@ -994,6 +1041,8 @@ class Trainer:
             "final_loss": final_loss,
             "compiled": bool(getattr(self, "compiled", False)),
             "bf16": self.use_bf16,
+            "fp16": self.use_fp16,
+            "skipped_steps": self.skipped_steps,
             "channels_last": self.use_channels_last,
             "fused_adam": self.fused,
             "cuda_graph": bool(self._step_fn is not None and self._step_fn.graphed),
@@ -1018,9 +1067,10 @@ class Trainer:
                           f"{peak / 2**30:.1f} GiB allocated at its peak")
         hints = [f"a smaller batch_size (e.g. {max(1, cfg.batch_size // 2)}; --batch-size on the command line)",
                  "a smaller model (a smaller preset, or a smaller ch)"]
-        if not self.use_bf16:
+        if not (self.use_bf16 or self.use_fp16):
             hints.append("bf16=True on a GPU with native bfloat16 (compute capability 8.0 or newer: A100, L4, "
-                         "H100), which roughly halves the activations' memory")
+                         "H100), or fp16=True on an older one (a T4, a V100), which roughly halves the "
+                         "activations' memory")
         if self._images is not None and self._images.device.type == "cuda":
             hints.append(f"data_on_device=False (the training set holds "
                          f"{self._images.numel() * self._images.element_size() / 2**30:.2f} GiB of the GPU)")
@@ -1166,6 +1216,8 @@ class Trainer:
             "rng": _to_cpu(self._rng_state()),
             "history": [[s, l] for s, l in self.history],
             "loss_window": {"sum": _to_cpu(self._loss_sum), "count": self._loss_count},
+            **({"scaler": self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
+               if self.scaler is not None else {}),
         }
 
     def save(self, path: Optional[PathLike] = None) -> Path:
@@ -1224,6 +1276,12 @@ class Trainer:
         win = state.get("loss_window") or {}
         self._loss_sum = torch.as_tensor(win.get("sum", 0.0), dtype=torch.float32).to(self.device).reshape(())
         self._loss_count = int(win.get("count", 0))
+        if self.scaler is not None:  # a checkpoint without one (trained without fp16) starts a fresh scale
+            self.scaler = torch.amp.GradScaler(self.device.type)
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self._scale = self.scaler.get_scale()
+            self.skipped_steps = int(state.get("skipped_steps", 0))
         rng = state.get("rng") or {}
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])

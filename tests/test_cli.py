@@ -79,6 +79,17 @@ def test_resume_continues(run, tmp_path, capsys):
     assert cfg["step"] == 6 and diffusion.num_timesteps == 30 and cfg["train"]["batch_size"] == 8
 
 
+def test_fp16_flag_reaches_the_trainer(tmp_path, capsys):
+    out = tmp_path / "fp16"
+    assert main(["train", *TINY, "--fp16", "on", "--steps", "2", "--sample-every", "0", "--out", str(out)]) == 0
+    assert "bf16 False, fp16 True (loss scaling), channels_last" in capsys.readouterr().out
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert state["config"]["train"]["fp16"] is True and state["scaler"]["scale"] == 2.0**16
+    with pytest.raises(SystemExit) as e:  # on|off only
+        main(["train", *TINY, "--fp16", "auto", "--out", str(out)])
+    assert e.value.code == 2
+
+
 def test_conditional_npz_has_labels(tmp_path):
     out = tmp_path / "cond"
     assert main(["train", *TINY, "--conditional", "--cond-drop-prob", "0.2", "--steps", "2", "--sample-every", "0",

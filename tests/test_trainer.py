@@ -496,6 +496,79 @@ def test_minutes_budget_and_bf16_autocast_on_cpu(digits):
         tr.train()
 
 
+def test_fp16_runs_under_float16_autocast_with_unscaled_gradients(digits):
+    """fp16=True: the forward runs in float16 (bf16 and the TrainStep path off), the loss is scaled by 2**16 for
+    the backward pass and unscaled before clipping and Adam: the gradient of the third update is the float32
+    run's to float16 precision (a missing unscale would be 65536 times too large)."""
+    runs = {}
+    for fp16 in (False, True):
+        tr = _trainer(digits, None, fp16=fp16, grad_clip=None)
+        dtypes = []
+        tr.model.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        tr.train(steps=3)
+        runs[fp16] = (tr, torch.cat([p.grad.flatten() for p in tr._params]), set(dtypes))
+    tr, g16, dtypes = runs[True]
+    assert dtypes == {torch.float16} and runs[False][2] == {torch.float32}
+    assert tr.use_fp16 and not tr.use_bf16 and tr._step_fn is None and tr.stats["fp16"]
+    assert tr.scaler.get_scale() == 2.0**16 and tr.skipped_steps == 0
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())  # float32 master weights
+    g32 = runs[False][1]
+    assert (g16 - g32).norm() / g32.norm() < 5e-3
+    assert all(math.isfinite(l) for _, l in tr.history)
+
+
+def _overflow_at(tr, steps):
+    """Make the gradient of the given (1-based) updates infinite, as a float16 overflow would."""
+    p = tr._params[0]
+    return p.register_hook(lambda g: g * float("inf") if tr.step + 1 in steps else g)
+
+
+def test_fp16_skips_an_overflowing_update_and_resumes_bit_identically(digits, tmp_path):
+    """An update whose gradient overflows is skipped (weights, Adam's moments and the EMA stay), the scale halves
+    and training goes on; the scaler's state is in the checkpoint, so a resumed run is bit-identical."""
+    ref = _trainer(digits, None, fp16=True)
+    _overflow_at(ref, {2})
+    ref.train(steps=1)
+    before = copy.deepcopy(_states(ref))
+    ref.train(steps=2)
+    _assert_identical(_states(ref), before)  # update 2 was skipped altogether
+    assert ref.skipped_steps == 1 and ref.scaler.get_scale() == 2.0**15
+    ref.train(steps=STEPS)
+    assert any(not torch.equal(a, b) for a, b in zip(before[0].values(), ref.model.state_dict().values()))
+    assert all(math.isfinite(l) for _, l in ref.history)
+
+    tr = _trainer(digits, tmp_path, fp16=True)
+    _overflow_at(tr, {2})
+    tr.train(steps=3)
+    state = read_checkpoint(tmp_path / "last.pt")
+    assert state["scaler"]["scale"] == 2.0**15 and state["skipped_steps"] == 1
+    tr2 = Trainer.from_checkpoint(tmp_path / "last.pt", digits, device="cpu")
+    assert tr2.use_fp16 and tr2.scaler.get_scale() == 2.0**15 and tr2.skipped_steps == 1
+    tr2.train(steps=STEPS)
+    _assert_identical(_states(tr2), _states(ref))
+    assert tr2.history == ref.history and tr2.skipped_steps == 1
+    # a float32 run's checkpoint resumes under fp16 with a fresh scale
+    plain = _trainer(digits, tmp_path / "plain")
+    plain.train(steps=2)
+    tr3 = _trainer(digits, None, fp16=True).resume(tmp_path / "plain" / "last.pt")
+    assert tr3.scaler.get_scale() == 2.0**16 and tr3.skipped_steps == 0
+
+
+def test_fp16_stops_when_the_gradient_overflows_even_unscaled(digits, tmp_path):
+    """A gradient that is never finite halves the scale at every update; below a scale of 1 the run stops with
+    NonFiniteLossError (the last good checkpoint kept). A non-finite loss stops it at once, as without fp16."""
+    tr = _trainer(digits, tmp_path, fp16=True, save_every=2)
+    _overflow_at(tr, set(range(1, 100)))
+    with pytest.raises(NonFiniteLossError, match="loss scaling until the scale fell to 0.5") as e:
+        tr.train(steps=40)
+    assert e.value.step == 17 and tr.skipped_steps == 17  # 2**16 halved 17 times
+    assert read_checkpoint(tmp_path / "last.pt")["step"] == 16
+    tr = _trainer(digits, None, fp16=True)
+    tr.model.register_forward_hook(lambda m, i, o: o * float("nan") if tr.step == 2 else o)
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 3.*fp16=False"):
+        tr.train(steps=STEPS)
+
+
 def test_compile_auto_falls_back(digits, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("no compiler here")
@@ -518,9 +591,13 @@ def test_bad_options():
         TrainConfig(cond_drop_prob=1.0)
     with pytest.raises(ValueError, match="bf16"):
         TrainConfig(bf16="yes")
-    for name in ("hflip", "ema_warmup", "progress"):  # on/off only: a string would count as on
+    for name in ("hflip", "ema_warmup", "progress", "fp16"):  # on/off only: a string would count as on
         with pytest.raises(ValueError, match=name):
             TrainConfig(**{name: "off"})
+    for other in ("bf16", "cuda_graph"):  # fp16 (loss scaling on the host) excludes both
+        with pytest.raises(ValueError, match=f"excludes {other}=True"):
+            TrainConfig(fp16=True, **{other: True})
+    assert TrainConfig(fp16=True).bf16 == "auto"  # "auto": off under fp16
 
 
 def test_options_the_trainer_would_ignore_are_refused(digits, tmp_path):
@@ -549,3 +626,25 @@ def test_cuda_training_defaults_are_the_fast_path(digits, tmp_path):
     assert tr._images.device.type == "cuda"
     model, _, _ = load_checkpoint(tmp_path / "last.pt", map_location="cuda")
     assert next(model.parameters()).device.type == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_trains_with_fused_adam_and_the_loss_scaler(digits, tmp_path):
+    """fp16=True on CUDA (what a T4 or V100 would run): float16 autocast, torch.compile, fused Adam through the
+    GradScaler (unscale, clip, step), no CUDA graph; the gradient of update 3 is the float32 run's to float16
+    precision."""
+    runs = {}
+    for fp16 in (False, True):
+        tr = _trainer(digits, tmp_path / str(fp16), device="cuda", fp16=fp16, bf16=False, cuda_graph=False,
+                      compile=False, grad_clip=None)
+        tr.train(steps=3)
+        runs[fp16] = (tr, torch.cat([p.grad.flatten().float() for p in tr._params]))
+    tr, g16 = runs[True]
+    assert tr.stats["fp16"] and tr.stats["fused_adam"] and not tr.stats["cuda_graph"]
+    g32 = runs[False][1]
+    assert (g16 - g32).norm() / g32.norm() < 5e-3
+    tr = _trainer(digits, tmp_path / "compiled", device="cuda", fp16=True)
+    tr.train(steps=6)
+    assert tr.compiled and tr.stats["fp16"] and not tr.stats["bf16"]
+    assert all(math.isfinite(l) for _, l in tr.history) and tr.skipped_steps <= 2
