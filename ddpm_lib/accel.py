@@ -151,21 +151,25 @@ class FastModel:
         module: the ``nn.Module`` itself (float32 master weights, on ``device``, ``channels_last`` when
             chosen); optimise and checkpoint this.
         forward: what a call runs: the compiled module, or ``module`` after a compiler failure.
-        device, bf16, channels_last: the settings in effect.
+        device, bf16, channels_last, fp16: the settings in effect (``fp16``: float16 autocast instead of
+            bfloat16, for GPUs without native bf16; it excludes ``bf16``).
         compiled: ``torch.compile`` is in use (False after a fallback); ``compile_error`` says why not.
 
     A call converts ``x`` to ``channels_last`` (free when it already is) and runs under bfloat16
-    autocast when ``bf16``; the output is the network's (bfloat16 under autocast). The first call of a
+    autocast when ``bf16`` (float16 when ``fp16``); the output is the network's (in that dtype). The first call of a
     compiled model compiles it; if that fails the failure is reported once as a ``RuntimeWarning`` and
     the model runs eagerly from then on (:meth:`disable_compile`).
     """
 
     def __init__(self, module: nn.Module, device: torch.device, bf16: bool, channels_last: bool,
                  compile: bool, compile_mode: Optional[str] = None, compile_backend: str = "inductor",
-                 fullgraph: bool = False):
+                 fullgraph: bool = False, fp16: bool = False):
+        if bf16 and fp16:
+            raise ValueError("bf16 and fp16 exclude each other: choose one autocast dtype")
         self.module = module
         self.device = device
         self.bf16 = bf16
+        self.fp16 = fp16
         self.channels_last = channels_last
         self.compile_mode = compile_mode
         self.compile_backend = compile_backend
@@ -187,12 +191,13 @@ class FastModel:
         return self.module.parameters(recurse)
 
     def autocast(self):
-        """The autocast context of this model (``nullcontext`` without bf16).
+        """The autocast context of this model (``nullcontext`` without bf16 or fp16).
 
         The weight-cast cache is off: it saves nothing when every weight is used once per forward, and
         it must be off inside CUDA-graph captures."""
-        if self.bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+        if self.bf16 or self.fp16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.float16 if self.fp16 else torch.bfloat16,
+                                  cache_enabled=False)
         return contextlib.nullcontext()
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,7 +234,8 @@ class FastModel:
             return self.forward(x, t, **kwargs)
 
 
-def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channels_last: Auto = "auto",
+def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", fp16: bool = False,
+                  channels_last: Auto = "auto",
                   compile: Auto = "auto", compile_mode: Optional[str] = None, compile_backend: str = "inductor",
                   fullgraph: bool = False, group_norm: Optional[str] = None,
                   upsample: Optional[str] = None, pad_channels: Optional[int] = None,
@@ -241,6 +247,8 @@ def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channel
             (``.to(device).float()``, ``channels_last``); the returned :class:`FastModel` wraps it.
         device: default: the device of ``model``'s parameters.
         bf16: True, False or ``"auto"`` (on for CUDA GPUs with native bf16, :func:`bf16_native`).
+        fp16: float16 autocast instead (default False), for GPUs without native bf16 (a T4, a V100); ``bf16``
+            must then be False or ``"auto"`` (which turns it off). For inference: no loss scaling needed.
         channels_last: True, False or ``"auto"`` (on for CUDA).
         compile: True, False or ``"auto"`` (on for CUDA when :func:`compile_available`). A model that
             cannot be compiled runs eagerly after one ``RuntimeWarning``; it never raises.
@@ -267,7 +275,11 @@ def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channel
             device = torch.device("cpu")
     device = _as_device(device)
     cuda = device.type == "cuda"
-    use_bf16 = _resolve(bf16, "bf16", cuda and bf16_native(device))
+    if not isinstance(fp16, bool):
+        raise ValueError(f"fp16 must be True or False, got {fp16!r}")
+    if fp16 and bf16 is True:
+        raise ValueError("bf16=True and fp16=True exclude each other: choose one autocast dtype")
+    use_bf16 = _resolve(bf16, "bf16", cuda and bf16_native(device)) and not fp16
     use_cl = _resolve(channels_last, "channels_last", cuda)
     ok, why = compile_available(device)
     use_compile = _resolve(compile, "compile", cuda and ok)
@@ -278,7 +290,8 @@ def prepare_model(model: nn.Module, device=None, *, bf16: Auto = "auto", channel
     model = model.to(device).float()
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    fast = FastModel(model, device, use_bf16, use_cl, use_compile, compile_mode, compile_backend, fullgraph)
+    fast = FastModel(model, device, use_bf16, use_cl, use_compile, compile_mode, compile_backend, fullgraph,
+                     fp16=fp16)
     if use_compile and not fast.compiled and fast.compile_error is None:
         fast.compile_error = why or "unknown"
     return fast
@@ -1212,9 +1225,9 @@ class SamplerForward:
 
 
 def make_sampler_forward(model: Union[FastModel, nn.Module], device=None, *, bf16: Auto = "auto",
-                         channels_last: Auto = "auto", compile: Auto = "auto", cuda_graph: Auto = "auto",
-                         out_dtype: Optional[torch.dtype] = torch.float32, warmup_calls: int = 2,
-                         max_graphs: int = 4, compile_backend: str = "inductor",
+                         fp16: bool = False, channels_last: Auto = "auto", compile: Auto = "auto",
+                         cuda_graph: Auto = "auto", out_dtype: Optional[torch.dtype] = torch.float32,
+                         warmup_calls: int = 2, max_graphs: int = 4, compile_backend: str = "inductor",
                          experimental: bool = False) -> SamplerForward:
     """The network's forward for sampling (``ddpm_sample``, ``ddim_sample``): ``f(x_t, t, **kwargs)``.
 
@@ -1222,7 +1235,8 @@ def make_sampler_forward(model: Union[FastModel, nn.Module], device=None, *, bf1
     compiled (``"auto"``: on CUDA when available, with a clean eager fallback), and with ``cuda_graph``
     (``"auto"``: on CUDA) replays a CUDA graph of the forward for each batch shape: the sampling loop
     calls the network with the same shapes a thousand times. Returns float32 (``out_dtype``), so that the
-    sampler's arithmetic stays float32. ``model`` should be in evaluation mode (e.g. ``ema.model``); it is
+    sampler's arithmetic stays float32. ``fp16=True``: float16 autocast instead of bfloat16 (for a T4 or a V100,
+    which have no native bf16; not measured here). ``model`` should be in evaluation mode (e.g. ``ema.model``); it is
     converted in place like :func:`prepare_model` does.
 
     ``experimental=True`` also sets up this module's inference experiments, which have not been measured on a
@@ -1237,7 +1251,7 @@ def make_sampler_forward(model: Union[FastModel, nn.Module], device=None, *, bf1
         fast = model
         _set_variants(fast.module, **extra)
     else:
-        fast = prepare_model(model, device, bf16=bf16, channels_last=channels_last, compile=compile,
+        fast = prepare_model(model, device, bf16=bf16, fp16=fp16, channels_last=channels_last, compile=compile,
                              compile_backend=compile_backend, **extra)
     graph = _resolve(cuda_graph, "cuda_graph", fast.device.type == "cuda")
     return SamplerForward(fast, graph, out_dtype=out_dtype, warmup_calls=warmup_calls, max_graphs=max_graphs)

@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with the fast path, also the inference experiments of ddpm_lib.accel (a Triton GroupNorm "
                         "kernel with the residual sums folded in, sub-pixel upsampling, channel padding; the same "
                         "function, not yet measured on a GPU)")
+    s.add_argument("--fp16", type=_on_off, default=False, metavar="on|off",
+                   help="with the fast path, float16 autocast instead of bf16, for GPUs without native bf16 (T4, "
+                        "V100) [off]")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_sample)
 
@@ -377,16 +380,19 @@ def _cmd_sample(args) -> int:
     if args.sampler == "ddim" and args.steps > diffusion.num_timesteps:
         raise ValueError(f"--steps must be at most T = {diffusion.num_timesteps}, got {args.steps}")
     fast = args.fast == "on" or (args.fast == "auto" and device.type == "cuda")
-    for flag, on in (("--compile", args.compile), ("--experimental-kernels", args.experimental_kernels)):
+    for flag, on in (("--compile", args.compile), ("--experimental-kernels", args.experimental_kernels),
+                     ("--fp16", args.fp16)):
         if on and not fast:
             raise ValueError(f"{flag} needs the fast path (--fast on, or --fast auto on a CUDA device)")
     net = model
     if fast:
         from .accel import make_sampler_forward
 
-        net = make_sampler_forward(model, device, compile=args.compile, experimental=args.experimental_kernels)
+        net = make_sampler_forward(model, device, compile=args.compile, experimental=args.experimental_kernels,
+                                   fp16=bool(args.fp16))
         f = net.fast
-        _say(f"fast sampling on {device}: bf16 {f.bf16}, channels_last {f.channels_last}, compile {f.compiled}, "
+        _say(f"fast sampling on {device}: bf16 {f.bf16}, {'fp16 True, ' if f.fp16 else ''}"
+             f"channels_last {f.channels_last}, compile {f.compiled}, "
              f"CUDA graph {net.cuda_graph}")
     g = torch.Generator().manual_seed(args.seed)
     chunks, labels = [], []

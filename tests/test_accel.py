@@ -83,6 +83,26 @@ def test_sampler_forward_float32_and_in_ddim():
     assert torch.isfinite(fast).all() and _rel(fast, ref) < 5e-2
 
 
+def test_fp16_forward_is_float16_autocast_and_excludes_bf16():
+    """fp16=True (for GPUs without native bf16): float16 autocast, float32 output from the sampler's forward, the
+    float32 network's function to float16 precision (about 8 times finer than bf16's); bf16 "auto" turns off."""
+    m = _tiny().eval()
+    x, t = _inputs()
+    with torch.no_grad():
+        ref = m(x, t)
+        fast = accel.prepare_model(copy.deepcopy(m), "cpu", fp16=True, channels_last=True, compile=False)
+        out = fast(x, t)
+        bf = accel.prepare_model(copy.deepcopy(m), "cpu", bf16=True, compile=False)(x, t)
+    assert fast.fp16 and not fast.bf16 and out.dtype == torch.float16
+    assert 1e-6 < _rel(out, ref) < _rel(bf, ref) / 4
+    f = accel.make_sampler_forward(copy.deepcopy(m), "cpu", fp16=True, compile=False)
+    assert f.fast.fp16 and f(x, t).dtype == torch.float32 and _rel(f(x, t), ref) < _rel(bf, ref) / 4
+    with pytest.raises(ValueError, match="exclude each other"):
+        accel.prepare_model(copy.deepcopy(m), "cpu", bf16=True, fp16=True)
+    with pytest.raises(ValueError, match="fp16 must be True or False"):
+        accel.prepare_model(copy.deepcopy(m), "cpu", fp16="auto")
+
+
 def test_sampler_forward_experimental_is_the_same_network():
     """experimental=True swaps in the inference experiments (folded U-Net, Triton GroupNorms, sub-pixel
     upsampling, padded channels), in place, with or without a FastModel given: the same function (here on the

@@ -200,10 +200,17 @@ def test_sample_fast_path_is_wired_through(run, tmp_path, capsys, monkeypatch):
                  "--eta", "1", "--fast", "on", "--experimental-kernels", "--device", "cpu", "--no-progress",
                  "--out", str(npz)]) == 0
     assert np.abs(np.load(npz)["arr_0"].astype(np.float64) - out["off"]).max() <= 1  # uint8 levels
-    for flag in ("--compile", "--experimental-kernels"):
-        assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "2", "--steps", "2", flag, "--fast", "off",
+    # float16 autocast (for GPUs without native bf16): float16 arithmetic, the same samples to a few levels
+    npz = tmp_path / "fp16.npz"
+    assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "5", "--batch-size", "3", "--steps", "3",
+                 "--eta", "1", "--fast", "on", "--fp16", "on", "--device", "cpu", "--no-progress",
+                 "--out", str(npz)]) == 0
+    assert "fast sampling on cpu: bf16 False, fp16 True, channels_last False" in capsys.readouterr().out
+    assert np.abs(np.load(npz)["arr_0"].astype(np.float64) - out["off"]).max() <= 2  # uint8 levels
+    for flags in (["--compile"], ["--experimental-kernels"], ["--fp16", "on"]):
+        assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "2", "--steps", "2", *flags, "--fast", "off",
                      "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 1
-        assert f"{flag} needs the fast path" in capsys.readouterr().err
+        assert f"{flags[0]} needs the fast path" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
