@@ -51,8 +51,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError("the two Gaussians must have the same dimension")
+    if mu1.ndim != 1 or mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != 2 * mu1.shape:
+        raise ValueError(f"means (d,) and covariances (d, d) of the same d expected, got {mu1.shape}, {sigma1.shape}, "
+                         f"{mu2.shape}, {sigma2.shape}")
     diff = mu1 - mu2
     # tr((sigma1 sigma2)^{1/2}) = tr((A sigma2 A)^{1/2}) with A = sigma1^{1/2}; the matrix inside is
     # symmetric positive semi-definite, so its square root comes from a symmetric eigensolver.

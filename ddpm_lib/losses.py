@@ -1,6 +1,8 @@
 """Densities and divergences of Gaussians, elementwise, used by the variational bound.
 
-All functions broadcast their arguments and return a tensor of the broadcast shape, in nats.
+All functions work elementwise and return a tensor of their arguments' (broadcast) shape, in nats;
+:func:`discretized_gaussian_log_likelihood` needs ``x`` and ``means`` of the same shape (``log_scales``
+broadcasts).
 """
 from __future__ import annotations
 
@@ -64,8 +66,11 @@ def discretized_gaussian_log_likelihood(
 
     Book equation ``eq-discretized-decoder``: the decoder p(x_0 | x_1) of the paper for data that
     were ``num_bins`` integer levels scaled to [-1, 1]. The first and last bins extend to -inf and
-    +inf. ``log_scales`` is the log *standard deviation*. Shapes broadcast; result in nats.
+    +inf. ``log_scales`` is the log *standard deviation*. ``x`` and ``means`` have the same shape
+    (``log_scales`` broadcasts to it); result in nats.
     """
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
+        raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
     if x.shape != means.shape:
         raise ValueError(f"x and means must have the same shape, got {tuple(x.shape)} and {tuple(means.shape)}")
     half_bin = 1.0 / (num_bins - 1)

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -75,7 +76,8 @@ class BPDResult:
     ``total = prior + kl + decoder``: ``prior`` is L_T (the KL of q(x_T | x_0) from N(0, I)),
     ``kl`` the sum over steps of KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) (the paper's
     L_1..L_{T-1}) and ``decoder`` the discretized decoder's -log p(x_0 | x_1) (L_0). Each ``*_se`` is
-    the standard error of the mean over images (one noise draw per image and step).
+    the standard error of the mean over images (one noise draw per image and step). ``conditional``: a
+    class-conditional model was given the labels (a bound on ``-log p(x | y)``).
     """
 
     total: float
@@ -87,6 +89,7 @@ class BPDResult:
     decoder: float
     decoder_se: float
     n: int
+    conditional: bool = False
 
     def as_dict(self) -> Dict[str, float]:
         return dataclasses.asdict(self)
@@ -133,7 +136,13 @@ def bits_per_dim(model, diffusion, data, n: Optional[int] = 256, batch_size: int
         except (AttributeError, StopIteration):
             device = torch.device("cpu")
     device = torch.device(device)
+    _check_data_range(images, "bits_per_dim's data", on_grid=getattr(diffusion, "decoder", None) == "discretized")
     conditional = bool(getattr(model, "num_classes", None)) and labels is not None
+    if getattr(model, "num_classes", None) and labels is None:
+        warnings.warn("the model is class-conditional but the data have no labels: it runs with its null class "
+                      "(the classifier-free guidance label), a bound on -log p(x) only if it was trained with label "
+                      "dropout; pass (images, labels) or ImageData for the bound given the labels",
+                      RuntimeWarning, stacklevel=2)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -156,7 +165,30 @@ def bits_per_dim(model, diffusion, data, n: Optional[int] = 256, batch_size: int
     for key, chunks in parts.items():
         m, se = _mean_se(torch.cat(chunks))
         values[key], values[f"{key}_se"] = m, se
-    return BPDResult(n=int(images.shape[0]), **values)
+    return BPDResult(n=int(images.shape[0]), conditional=conditional, **values)
+
+
+def _check_data_range(x: torch.Tensor, what: str, on_grid: bool = False) -> None:
+    """Images meant to lie in [-1, 1]: raise on non-finite values or on values far outside (0..255 data), warn
+    when none is negative (0..1 data, whose pixels would all read as mid-grey or brighter) and, with ``on_grid``,
+    when they are not 256 levels (the discretized decoder's bins)."""
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{what} must be float images in [-1, 1], got {x.dtype}")
+    x = x.detach()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} contain NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -2 or hi > 2:  # unclipped samples may overshoot [-1, 1] a little (and are clamped); 0..255 data not
+        raise ValueError(f"{what} must lie in [-1, 1] (uint8 levels as x / 127.5 - 1), got values in "
+                         f"[{lo:g}, {hi:g}]")
+    if lo >= 0:
+        warnings.warn(f"{what} have no negative value (range [{lo:g}, {hi:g}]): images in [0, 1]? ddpm_lib "
+                      f"expects [-1, 1] (x * 2 - 1)", RuntimeWarning, stacklevel=3)
+    if on_grid:
+        levels = (x.double() + 1) * 127.5
+        if lo < -1 - 1e-6 or hi > 1 + 1e-6 or float((levels - levels.round()).abs().max()) > 1e-3:
+            warnings.warn(f"{what} are not the 256 levels of 8-bit images scaled to [-1, 1], which the "
+                          f"discretized decoder assumes (its bins are 2/255 wide)", RuntimeWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------- FID
@@ -188,9 +220,12 @@ def _to_uint8_nchw(x) -> torch.Tensor:
             raise ValueError(f"uint8 images must have shape (N, H, W), (N, H, W, C) or (N, C, H, W), "
                              f"got {tuple(x.shape)}")
         return x.contiguous()
-    if not x.dtype.is_floating_point or x.ndim != 4:
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"images must be uint8 (0..255) or float in [-1, 1], got {x.dtype}")
+    if x.ndim != 4:
         raise ValueError(f"float images must have shape (N, C, H, W) with values in [-1, 1], got "
                          f"{tuple(x.shape)} {x.dtype}")
+    _check_data_range(x, "the images")
     return torch.round((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
 
 
@@ -209,7 +244,8 @@ def fid(samples, reference, *, device=None, batch_size: int = 100) -> float:
     Inception network of torch-fidelity, images resized to 299x299 inside; grey images are repeated
     to 3 channels). Both sets: float ``(N, C, H, W)`` in [-1, 1] or uint8 arrays (e.g. the ``.npz``
     written by ``python -m ddpm_lib sample``). Use at least a few thousand images of each set; the
-    paper's numbers use 50,000 samples against the training set.
+    paper's numbers use 50,000 samples against the training set. Below 2,048 images in a set (the
+    features' dimension) its covariance is singular and FID is biased upwards: a ``RuntimeWarning`` says so.
 
     Raises:
         FIDUnavailableError: torchmetrics/torch-fidelity are not installed, or the Inception weights
@@ -243,6 +279,10 @@ def fid(samples, reference, *, device=None, batch_size: int = 100) -> float:
     metric = metric.to(device)
     for images, real in ((reference, True), (samples, False)):
         u8 = _to_uint8_nchw(images)
+        if u8.shape[0] < 2048:
+            warnings.warn(f"FID from {u8.shape[0]} {'reference' if real else 'sample'} images: fewer than the 2048 "
+                          f"feature dimensions, so the covariance is singular and FID is biased upwards; not "
+                          f"comparable to figures from 50,000 images", RuntimeWarning, stacklevel=2)
         if u8.shape[1] == 1:
             u8 = u8.repeat(1, 3, 1, 1)
         for i in range(0, u8.shape[0], batch_size):

@@ -35,7 +35,84 @@ def test_bits_per_dim_terms_add_up():
     # the same noise stream only when the whole set is one batch
     res1 = bits_per_dim(model, diffusion, data, n=5, batch_size=5, seed=1)
     assert res1.total == pytest.approx(float(direct["total_bpd"].double().mean()), rel=1e-5)
-    assert "bits/dim" in str(res)
+    # each term is its own part of the bound: L_0 is the step at code t = 0, the KLs the steps 1..T-1
+    vb = direct["vb"].double()
+    assert vb.shape == (5, 20)
+    for name, per_image in (("decoder", vb[:, 0]), ("kl", vb[:, 1:].sum(1)), ("prior", direct["prior_bpd"])):
+        per_image = per_image.double()
+        assert getattr(res1, name) == pytest.approx(float(per_image.mean()), rel=1e-5), name
+        assert getattr(res1, f"{name}_se") == pytest.approx(float(per_image.std() / 5 ** 0.5), rel=1e-4), name
+    assert "bits/dim" in str(res) and res1.conditional is False
+
+
+def test_bits_per_dim_checks_its_data():
+    """Data outside [-1, 1] (0..255), non-finite data: an error; data in [0, 1], off the 8-bit grid, or a
+    class-conditional model without labels: a warning (each would give a number that is not the bound)."""
+    model = UNet.from_preset("tiny", in_channels=1, image_size=8).eval()
+    diffusion = GaussianDiffusion("cosine", num_timesteps=4)
+    x = load_dataset("digits", limit=2).images
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 1\]"):
+        bits_per_dim(model, diffusion, (x + 1) * 127.5, n=2)
+    with pytest.raises(ValueError, match="NaN"):
+        bits_per_dim(model, diffusion, x * float("nan"), n=2)
+    with pytest.warns(RuntimeWarning, match=r"images in \[0, 1\]"):
+        bits_per_dim(model, diffusion, (x + 1) / 2, n=2)
+    with pytest.warns(RuntimeWarning, match="not the 256 levels"):
+        bits_per_dim(model, diffusion, x * 0.999, n=2)
+    cond = UNet.from_preset("tiny", in_channels=1, image_size=8, num_classes=10).eval()
+    with pytest.warns(RuntimeWarning, match="no labels: it runs with its null class"):
+        assert bits_per_dim(cond, diffusion, x, n=2).conditional is False
+    data = load_dataset("digits", limit=2)
+    assert bits_per_dim(cond, diffusion, data, n=2).conditional is True
+
+
+def test_fid_passes_uint8_rgb_images_to_torchmetrics(monkeypatch):
+    """Without the Inception weights, a stand-in for torchmetrics' FrechetInceptionDistance records what fid()
+    gives it: uint8 in 0..255, three channels (grey repeated), the reference as real, in batches."""
+    import sys
+    import types
+
+    seen = []
+
+    class FakeFID:
+        def __init__(self, feature, normalize):
+            assert (feature, normalize) == (2048, False)
+
+        def to(self, device):
+            return self
+
+        def update(self, imgs, real):
+            seen.append((imgs.clone(), real))
+
+        def compute(self):
+            return torch.tensor(1.25)
+
+    mod = types.ModuleType("torchmetrics.image.fid")
+    mod.FrechetInceptionDistance = FakeFID
+    for name in ("torchmetrics", "torchmetrics.image"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", mod)
+    monkeypatch.setattr(metrics, "_inception_cached", lambda: True)
+    real = torch.linspace(-1, 1, 5 * 4 * 4).reshape(5, 1, 4, 4)
+    fake = np.full((3, 4, 4, 1), 7, dtype=np.uint8)  # a samples .npz: uint8 NHWC
+    with pytest.warns(RuntimeWarning, match="fewer than the 2048"):
+        assert fid(fake, real, device="cpu", batch_size=2) == 1.25
+    assert [(t.shape, r) for t, r in seen] == [((2, 3, 4, 4), True)] * 2 + [((1, 3, 4, 4), True)] + \
+        [((2, 3, 4, 4), False), ((1, 3, 4, 4), False)]
+    got = torch.cat([t for t, r in seen if r])
+    assert got.dtype == torch.uint8 and torch.equal(got[:, 0], got[:, 2])
+    assert torch.equal(got[:, 0], torch.round((real[:, 0] + 1) * 127.5).to(torch.uint8))
+    assert int(got.min()) == 0 and int(got.max()) == 255
+    assert all(bool((t == 7).all()) for t, r in seen if not r)
+    # images in the wrong range: 0..255 floats are refused, 0..1 floats draw a warning, NaN is refused
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 1\]"):
+        fid(real * 255, real)
+    with pytest.raises(ValueError, match="NaN"):
+        fid(real * float("nan"), real)
+    with pytest.warns(RuntimeWarning, match=r"images in \[0, 1\]"):
+        fid((real + 1) / 2, real)
+    with pytest.raises(ValueError, match="uint8 .0..255. or float"):
+        fid(torch.zeros(2, 1, 4, 4, dtype=torch.int64), real)
 
 
 def test_fid_unavailable_without_torchmetrics(monkeypatch):
@@ -112,4 +189,4 @@ def test_fd_bad_inputs():
 
     if "fashion_mnist" in available_datasets():  # set A of the default reference is the 10,000 test images
         with pytest.raises(ValueError, match="more than the 10,000 images"):
-            fd_fashion(torch.zeros(10_001, 1, 28, 28))
+            fd_fashion(-torch.ones(10_001, 1, 28, 28))
