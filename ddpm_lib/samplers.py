@@ -41,14 +41,19 @@ def _kwargs(model_kwargs, y, guidance_scale) -> Dict[str, Any]:
     return kw
 
 
-def _initial(shape, x_T, generator, device) -> torch.Tensor:
+def _initial(shape, x_T, generator, device, model=None) -> torch.Tensor:
+    """x_T as given, or drawn: float64 for a float64 model, else float32."""
     shape = tuple(shape)
     if x_T is not None:
         if tuple(x_T.shape) != shape:
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
         dtype = x_T.dtype if x_T.dtype in (torch.float32, torch.float64) else torch.float32
         return x_T.to(device=device, dtype=dtype)
-    return _randn(shape, generator, device)
+    try:
+        dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    except (AttributeError, StopIteration, TypeError):
+        dtype = torch.float32
+    return _randn(shape, generator, device, dtype)
 
 
 @torch.no_grad()
@@ -90,8 +95,11 @@ def ddpm_sample(
     device = _model_device(model, device)
     T = diffusion.num_timesteps
     kw = _kwargs(model_kwargs, y, guidance_scale)
-    x = _initial(shape, x_T, generator, device)
-    every = max(1, T // 20) if record_every is None else int(record_every)
+    x = _initial(shape, x_T, generator, device, model)
+    if record_every is not None and (isinstance(record_every, bool) or not isinstance(record_every, int)
+                                     or record_every < 1):
+        raise ValueError(f"record_every must be an int >= 1 or None, got {record_every!r}")
+    every = max(1, T // 20) if record_every is None else record_every
     record: Dict[str, List] = {"t": [], "x_t": [], "pred_x0": []}
     for step in tqdm(range(T - 1, -1, -1), disable=not progress, desc="DDPM"):
         t = torch.full((x.shape[0],), step, dtype=torch.long, device=device)
@@ -110,18 +118,21 @@ def ddpm_sample(
 def ddim_timesteps(num_timesteps: int, steps: int, skip_type: str = "uniform") -> np.ndarray:
     """The DDIM sub-sequence tau, increasing, 0-based (book ``eq-ddim-timesteps``).
 
-    ``"uniform"``: ``0, c, 2c, ...`` with ``c = T // steps`` (the DDIM paper's
-    ``tau_i = (i - 1) T / S``, e.g. 0, 20, ..., 980 for T = 1000, S = 50; the same as the
-    ``"leading"`` spacing of common libraries). ``"quadratic"``: ``floor((sqrt(0.8 T) (i - 1) / (S - 1))^2)``
-    for ``i = 1..S`` (0 to 0.8 T), the DDIM paper's choice for CIFAR-10, as its code computes it.
-    ``"linspace"``: ``round(linspace(0, T-1, S))``, which also visits the last timestep. ``"trailing"``: ``T-1, T-1-c, ...`` counted down from the last
-    timestep (the "trailing" spacing of Lin et al. 2024), so that even one step starts at t = T-1.
+    ``"uniform"``: ``floor((i - 1) T / S)`` for ``i = 1..S``, the DDIM paper's ``tau_i = (i - 1) T / S``
+    (e.g. 0, 20, ..., 980 for T = 1000, S = 50). Where S divides T this is ``0, c, 2c, ...`` with
+    ``c = T / S``, the ``"leading"`` spacing of common libraries; for other S those stop at
+    ``(S - 1) floor(T / S)`` (897 for S = 300), far below T, while this one ends within T / S of it.
+    ``"quadratic"``: ``floor((sqrt(0.8 T) (i - 1) / (S - 1))^2)`` for ``i = 1..S`` (0 to 0.8 T), the DDIM
+    paper's choice for CIFAR-10, as its code computes it: a timestep repeated at the start (0, 0, 1, ...
+    for T = 1000, S = 50) is kept, and its step (from t to the same t) leaves x as it is.
+    ``"linspace"``: ``round(linspace(0, T-1, S))``, which also visits the last timestep. ``"trailing"``:
+    ``T-1, T-1-c, ...`` counted down from the last timestep (the "trailing" spacing of Lin et al. 2024),
+    so that even one step starts at t = T-1.
     """
     if steps < 1 or steps > num_timesteps:
         raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
     if skip_type == "uniform":
-        c = num_timesteps // steps
-        seq = np.arange(0, steps) * c
+        seq = (np.arange(steps, dtype=np.int64) * num_timesteps) // steps  # exact integer floor
     elif skip_type == "quadratic":
         seq = (np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2).astype(int)
     elif skip_type == "linspace":
@@ -133,6 +144,8 @@ def ddim_timesteps(num_timesteps: int, steps: int, skip_type: str = "uniform") -
         raise ValueError(
             f"unknown skip_type {skip_type!r}; choose 'uniform', 'quadratic', 'linspace' or 'trailing'"
         )
+    if skip_type == "quadratic":
+        return seq  # non-decreasing; repeats kept, as in the DDIM paper's code
     seq = np.unique(seq)
     if len(seq) != steps:
         raise ValueError(f"skip_type={skip_type!r} gives repeated timesteps for steps={steps}; use fewer steps")
@@ -188,19 +201,21 @@ def ddim_sample(
 
     Visits the timesteps of :func:`ddim_timesteps` from the last to the first; the step after the
     first visited timestep goes to x_0 with abar taken as 1. ``eta = 0`` is deterministic given
-    x_T; ``eta = 1`` with ``steps = T`` is DDPM with the ``fixed_small`` variance.
+    x_T; ``eta = 1`` with ``steps = T`` is DDPM with the ``fixed_small`` variance. Above 1, where
+    ``sigma^2`` would exceed ``1 - abar_prev``, the direction term's coefficient is clipped at 0 (as in
+    the DDIM paper's code), so the steps no longer keep q's marginals.
 
     Returns samples ``(B, ...)``, or ``(samples, {"t", "x_t", "pred_x0"})`` with every step recorded.
     """
     from tqdm.auto import tqdm
 
-    if eta < 0:
+    if not eta >= 0:  # also NaN
         raise ValueError(f"eta must be >= 0, got {eta}")
     device = _model_device(model, device)
     kw = _kwargs(model_kwargs, y, guidance_scale)
     seq = ddim_timesteps(diffusion.num_timesteps, steps, skip_type)
     prev = np.concatenate([[-1], seq[:-1]])
-    x = _initial(shape, x_T, generator, device)
+    x = _initial(shape, x_T, generator, device, model)
     record: Dict[str, List] = {"t": [], "x_t": [], "pred_x0": []}
     for t_i, t_prev in tqdm(list(zip(seq[::-1], prev[::-1])), disable=not progress, desc="DDIM"):
         t = torch.full((x.shape[0],), int(t_i), dtype=torch.long, device=device)
@@ -240,7 +255,7 @@ def ddim_invert(
     seq = ddim_timesteps(diffusion.num_timesteps, steps, skip_type)
     prev = np.concatenate([[-1], seq[:-1]])
     ab = diffusion.alphas_cumprod
-    x = x0.float()
+    x = x0 if x0.dtype in (torch.float32, torch.float64) else x0.float()
     for t_prev, t_i in tqdm(list(zip(prev, seq)), disable=not progress, desc="DDIM inversion"):
         # eps is evaluated at the point we hold (x at t_prev); at x_0 itself, where no network
         # timestep exists, the label of the first visited timestep is used.

@@ -399,7 +399,10 @@ def ode_log_likelihood(score_fn: ScoreFn, sde: VPSDE, x: torch.Tensor, t_start: 
         prior_log_prob: ``log p_1``; default the standard normal :meth:`VPSDE.prior_log_prob`.
     Returns:
         dict with ``log_prob (B,)`` in nats, ``prior_log_prob (B,)``, ``delta (B,)``, ``z (B, *)`` (the
-        point at t = 1), ``nfe`` and ``bits_per_dim (B,)`` (``-log_prob / (D ln 2)``).
+        point at t = 1), ``nfe`` and ``bits_per_dim (B,)`` (``-log_prob / (D ln 2)``: the continuous density,
+        with no dequantisation; for 8-bit images in [-1, 1] that is not comparable with
+        :meth:`GaussianDiffusion.calc_bpd_loop`'s discrete bound, which would need uniform dequantisation noise
+        and ``log2(127.5)``, about 7 bits, added per dimension).
     """
     if not 0.0 <= t_start < 1.0:
         raise ValueError(f"t_start must lie in [0, 1), got {t_start}")

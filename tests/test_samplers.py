@@ -75,11 +75,53 @@ def test_samplers_are_reproducible_with_a_generator(trained):
     assert torch.equal(a, b)
 
 
+def test_ddim_with_noise_is_reproducible_with_a_generator(trained):
+    d, model = trained
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(5))
+    a, b, c = (ddim_sample(model, d, (16, 2), steps=10, eta=1.0, x_T=x_T, progress=False,
+                           generator=torch.Generator().manual_seed(seed)) for seed in (3, 3, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 def test_ddpm_intermediates(trained):
     d, model = trained
-    x, chain = ddpm_sample(model, d, (8, 2), progress=False, return_intermediates=True, record_every=50)
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(7))
+    x, chain = ddpm_sample(model, d, (8, 2), x_T=x_T, progress=False, return_intermediates=True, record_every=50,
+                           clip_denoised=False)
     assert chain["t"] == [199, 150, 100, 50, 0]
     assert chain["x_t"].shape == (5, 8, 2) and chain["pred_x0"].shape == (5, 8, 2)
+    # x_t[k] is the state at t[k] (before its step), pred_x0[k] the prediction from it
+    assert torch.equal(chain["x_t"][0], x_T)
+    t = torch.full((8,), 199)
+    with torch.no_grad():
+        assert torch.allclose(chain["pred_x0"][0], d.predict_start_from_noise(x_T, t, model(x_T, t)), atol=1e-6)
+    # the last step (code t = 0) adds no noise and its mean is the x_0 prediction itself
+    assert torch.allclose(x, chain["pred_x0"][-1], atol=1e-6)
+    with pytest.raises(ValueError, match="record_every"):
+        ddpm_sample(model, d, (2, 2), progress=False, return_intermediates=True, record_every=0)
+
+
+def test_ddim_repeated_quadratic_timestep_leaves_x_unchanged(trained):
+    d, model = trained
+    seq = ddim_timesteps(200, 50, "quadratic")
+    assert len(seq) == 50 and seq[:6].tolist() == [0, 0, 0, 0, 1, 1] and seq[-1] == 160
+    x, chain = ddim_sample(model, d, (8, 2), steps=50, skip_type="quadratic", progress=False,
+                           return_intermediates=True, generator=torch.Generator().manual_seed(0))
+    assert chain["t"][-6:] == [1, 1, 0, 0, 0, 0] and len(chain["t"]) == 50  # 50 network calls, as asked
+    for k in (-1, -2, -3, -5):  # the steps from a timestep to itself
+        assert torch.allclose(chain["x_t"][k], chain["x_t"][k - 1], atol=1e-6)
+    with pytest.raises(ValueError, match="eta"):
+        ddim_sample(model, d, (2, 2), steps=5, eta=float("nan"), progress=False)
+
+
+def test_samplers_keep_a_float64_model_in_float64():
+    torch.manual_seed(0)
+    model = ToyMLP(dim=2).double()
+    d = GaussianDiffusion("linear", num_timesteps=100)
+    a = ddim_sample(model, d, (4, 2), steps=10, progress=False, clip_denoised=False)
+    b = ddpm_sample(model, d, (4, 2), progress=False, clip_denoised=False)
+    x_T = ddim_invert(model, d, a, steps=10, progress=False)
+    assert a.dtype == b.dtype == x_T.dtype == torch.float64
 
 
 def test_ddim_inversion_round_trip(trained):
@@ -102,6 +144,20 @@ def test_ddim_timesteps_are_the_papers():
         for steps in range(1, T + 1):
             seq = ddim_timesteps(T, steps, "trailing")
             assert len(seq) == steps and seq[0] >= 0 and seq[-1] == T - 1, (T, steps)
+    # tau_i = floor((i - 1) T / S) for every S: S distinct steps from 0 to within T / S of T
+    assert ddim_timesteps(1000, 300)[-3:].tolist() == [990, 993, 996]
+    for T in (1000, 7):
+        for steps in range(1, T + 1):
+            seq = ddim_timesteps(T, steps)
+            assert len(seq) == steps and seq[0] == 0 and (np.diff(seq) > 0).all(), (T, steps)
+            assert seq[-1] == (steps - 1) * T // steps >= T - -(-T // steps), (T, steps)
+            if T % steps == 0:
+                assert seq.tolist() == list(range(0, T, T // steps))
+    # quadratic: the DDIM paper's code, repeats included (its CIFAR-10 settings S = 50 and 100)
+    assert ddim_timesteps(1000, 10, "quadratic").tolist() == [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]
+    for steps in (50, 100):
+        seq = ddim_timesteps(1000, steps, "quadratic")
+        assert len(seq) == steps and seq[0] == seq[1] == 0 and seq[-1] == 800 and (np.diff(seq) >= 0).all()
     with pytest.raises(ValueError, match="steps"):
         ddim_timesteps(100, 0)
     with pytest.raises(ValueError, match="skip_type"):
