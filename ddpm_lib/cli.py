@@ -70,12 +70,32 @@ def _nonneg_int(value: str) -> int:
     return v
 
 
+# What the model, diffusion and data flags of `train` mean when left out on a new run (on a resume the
+# checkpoint's values hold, and giving one of these flags draws a warning).
+_NEW_RUN_DEFAULTS = {"preset": "fashion-small", "dataset": "fashion_mnist", "schedule": "linear", "T": 1000,
+                     "mean_type": "eps", "var_type": "fixed_large", "loss_type": "simple"}
+_FROM_CHECKPOINT = ("preset", "dataset", "limit", "size", "pad_to", "dropout", "schedule", "T", "mean_type",
+                    "var_type", "loss_type")
+# the unpadded side of each data set (what --crop gives back)
+_NATIVE_SIZE = {"fashion_mnist": 28, "mnist": 28, "cifar10": 32, "digits": 8}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" only where the help does not already say it and there is a value to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "[" in text or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .unet import UNet
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     p = argparse.ArgumentParser(
         prog="python -m ddpm_lib",
         description="Train, sample and evaluate DDPMs (Ho et al. 2020) with ddpm_lib.",
@@ -90,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/samples/step_*.png. Options left out take the paper's values, or the "
                                    "checkpoint's when resuming.")
     t.add_argument("--out", required=True, help="output folder (checkpoints, grids, loss history)")
-    t.add_argument("--preset", default="fashion-small", choices=UNet.presets(), help="U-Net preset")
-    t.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "mnist", "cifar10", "digits"],
-                   help="training data (digits: scikit-learn's 8x8 digits, always offline)")
+    t.add_argument("--preset", default=None, choices=UNet.presets(), help="U-Net preset [fashion-small]")
+    t.add_argument("--dataset", default=None, choices=["fashion_mnist", "mnist", "cifar10", "digits"],
+                   help="training data (digits: scikit-learn's 8x8 digits, always offline) [fashion_mnist]")
     t.add_argument("--data-root", default=None, help="torchvision data root (default $DDPM_DATA_DIR or ~/.cache/ddpm_lib)")
     t.add_argument("--limit", type=_positive_int, default=None, help="use only the first LIMIT training images")
     t.add_argument("--size", type=_positive_int, default=None, help="resize the images to SIZE x SIZE first")
@@ -114,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=_positive_int, default=None, help="batch size [128]")
     o.add_argument("--lr", type=float, default=None, help="Adam learning rate [2e-4]")
     o.add_argument("--warmup", type=_nonneg_int, default=None, help="linear learning-rate warm-up steps [5000]")
-    o.add_argument("--grad-clip", type=float, default=None, help="clip the gradient's global norm; 0: off [1.0]")
+    o.add_argument("--grad-clip", type=float, default=None,
+                   help="clip the gradient's global norm; 0 (or less): off [1.0]")
     o.add_argument("--ema-decay", type=float, default=None, help="EMA decay [0.9999]; ~0.999 for short runs")
     o.add_argument("--ema-warmup", type=_on_off, default=None, metavar="on|off",
                    help="EMA decay min(decay, (1+step)/(10+step)) [off]")
@@ -124,13 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random horizontal flips (the paper's CIFAR-10 augmentation) [off]")
     o.add_argument("--seed", type=int, default=None, help="random seed [0]")
     d = t.add_argument_group("diffusion (paper defaults)")
-    d.add_argument("--schedule", default="linear", choices=["linear", "cosine", "quadratic", "sigmoid"],
-                   help="beta schedule")
-    d.add_argument("--T", type=_positive_int, default=1000, help="number of diffusion steps")
-    d.add_argument("--mean-type", default="eps", choices=["eps", "x0", "v"], help="what the network predicts")
-    d.add_argument("--var-type", default="fixed_large", choices=["fixed_large", "fixed_small", "learned_range"],
-                   help="reverse-process variance")
-    d.add_argument("--loss-type", default="simple", choices=["simple", "vlb", "hybrid"], help="training loss")
+    d.add_argument("--schedule", default=None, choices=["linear", "cosine", "quadratic", "sigmoid"],
+                   help="beta schedule [linear]")
+    d.add_argument("--T", type=_positive_int, default=None, help="number of diffusion steps [1000]")
+    d.add_argument("--mean-type", default=None, choices=["eps", "x0", "v"], help="what the network predicts [eps]")
+    d.add_argument("--var-type", default=None, choices=["fixed_large", "fixed_small", "learned_range"],
+                   help="reverse-process variance [fixed_large]")
+    d.add_argument("--loss-type", default=None, choices=["simple", "vlb", "hybrid"], help="training loss [simple]")
     e = t.add_argument_group("output")
     e.add_argument("--log-every", type=_positive_int, default=None, help="log the mean loss every N steps [100]")
     e.add_argument("--save-every", type=_nonneg_int, default=None, help="checkpoint every N steps; 0: only at the end [5000]")
@@ -172,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples")
     s.add_argument("--batch-size", type=_positive_int, default=256, help="samples per batch")
-    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--seed", type=int, default=0,
+                   help="random seed (the same seed, --n and --batch-size give the same samples)")
     s.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance weight w (conditional models)")
     s.add_argument("--class-label", type=int, default=None,
@@ -211,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--split", default="test", choices=["train", "test"],
                    help="data split (the digits data set has only 'train')")
     b.add_argument("--seed", type=int, default=0, help="random seed for the noise")
+    b.add_argument("--data-root", default=None,
+                   help="torchvision data root (default $DDPM_DATA_DIR or ~/.cache/ddpm_lib)")
     b.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     b.add_argument("--progress", action="store_true", help="show a progress bar over timesteps")
     b.set_defaults(func=_cmd_bpd)
@@ -238,6 +262,8 @@ def _device(name: str):
         raise ValueError(f"--device: {exc}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: no Apple-silicon GPU is available (use --device cpu)")
     return dev
 
 
@@ -246,7 +272,7 @@ def _load_data(name: str, split: str, data_cfg: Dict[str, Any], root=None):
 
     if name == "digits" and split == "test":
         split = "train"
-    return load_dataset(name, split, root=root, size=data_cfg.get("size"), pad_to=data_cfg.get("pad_to"),
+    return load_dataset(name, split, root=root, size=data_cfg.get("size"), pad_to=data_cfg.get("pad_to") or None,
                         limit=data_cfg.get("limit") if split == "train" else None)
 
 
@@ -283,13 +309,21 @@ def _cmd_train(args) -> int:
             raise FileNotFoundError(f"--resume: checkpoint not found: {resume_path}")
 
     if resume_path is not None:
+        given = [f"--{k.replace('_', '-')}" for k in _FROM_CHECKPOINT if getattr(args, k) is not None]
+        given += ["--conditional"] if args.conditional else []
+        if given:
+            print(f"warning: --resume takes the model, diffusion and data from the checkpoint; ignoring "
+                  f"{', '.join(given)}", file=sys.stderr)
         state = read_checkpoint(resume_path)
         data_cfg = dict(state["config"].get("data") or {})
-        name = data_cfg.get("name") or args.dataset
+        name = data_cfg.get("name") or args.dataset or _NEW_RUN_DEFAULTS["dataset"]
         data = _load_data(name, "train", data_cfg, args.data_root)
         trainer = Trainer.from_checkpoint(resume_path, data, device=device, out_dir=out, **explicit)
         _say(f"resumed {resume_path} at step {trainer.step}")
     else:
+        for k, v in _NEW_RUN_DEFAULTS.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
         pad_to = args.pad_to
         if pad_to is None and args.size is None and args.dataset in ("fashion_mnist", "mnist"):
             pad_to = 32
@@ -309,8 +343,10 @@ def _cmd_train(args) -> int:
         diffusion = GaussianDiffusion(args.schedule, args.mean_type, args.var_type, args.loss_type,
                                       num_timesteps=args.T)
         info = {k: v for k, v in data_cfg.items() if v is not None}
-        if info.get("pad_to") and args.dataset in ("fashion_mnist", "mnist") and not args.size:
-            info["original_size"] = 28
+        # recorded, not guessed from the images' border (what sample --crop undoes)
+        info["pad_to"] = pad_to or 0
+        if pad_to:
+            info["original_size"] = args.size or _NATIVE_SIZE[args.dataset]
         cfg = TrainConfig(**explicit)
         trainer = Trainer(model, diffusion, data, device=device, out_dir=out, preset=args.preset, data_info=info,
                           config=cfg)
@@ -377,6 +413,8 @@ def _cmd_sample(args) -> int:
         raise ValueError("--guidance-scale/--class-label need a class-conditional checkpoint (trained with --conditional)")
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         raise ValueError(f"--class-label must lie in 0..{num_classes - 1}, got {args.class_label}")
+    if args.fd and (config.get("data") or {}).get("name") != "fashion_mnist":
+        raise ValueError("--fd needs a Fashion-MNIST checkpoint")
     if args.sampler == "ddim" and args.steps > diffusion.num_timesteps:
         raise ValueError(f"--steps must be at most T = {diffusion.num_timesteps}, got {args.steps}")
     fast = args.fast == "on" or (args.fast == "auto" and device.type == "cuda")
@@ -429,8 +467,6 @@ def _cmd_sample(args) -> int:
     if args.fd:
         from .metrics import fd_fashion
 
-        if (config.get("data") or {}).get("name") != "fashion_mnist":
-            raise ValueError("--fd needs a Fashion-MNIST checkpoint")
         _say(str(fd_fashion(x, device=device)))
     return 0
 
@@ -450,7 +486,7 @@ def _cmd_bpd(args) -> int:
     if name == "digits" and split == "test":
         _say("the digits data set has no test split: using the training images")
         split = "train"
-    data = _load_data(name, split, data_cfg)
+    data = _load_data(name, split, data_cfg, args.data_root)
     res = bits_per_dim(model, diffusion, data, n=args.n, batch_size=args.batch_size, device=device,
                        seed=args.seed, progress=args.progress)
     _say(f"variational bound on {res.n} {name} {split} images (T = {diffusion.num_timesteps}):")
@@ -511,7 +547,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except (DatasetUnavailableError, CheckpointError, NonFiniteLossError, TrainingOutOfMemoryError,
-            FIDUnavailableError, ValueError,
-            FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            FIDUnavailableError, ValueError, OSError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1

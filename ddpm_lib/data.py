@@ -292,17 +292,15 @@ def _download(name: str, root: Path) -> None:
 
 def _unavailable_message(name: str, root: Path, reason: str) -> str:
     offline = available_datasets(root)
-    where = {
-        "fashion_mnist": f"{root / 'FashionMNIST' / 'raw'} (or /usr/share/datasets/fashion-mnist)",
-        "mnist": str(root / "MNIST" / "raw"),
-        "cifar10": str(root / _CIFAR_DIR),
-    }[name]
+    where = (" or ".join(str(d) for d in _idx_dirs(name, root)) if name in _IDX_DIRS
+             else str(root / _CIFAR_DIR))
     return (
         f"{_DISPLAY[name]} is not available: no files under {where}, and {reason}. "
         f"Available offline now: {', '.join(offline)} (load_dataset), and the 2-D toy sets "
         f"{', '.join(TOY_DATASETS)} (toy_data). To get {_DISPLAY[name]}, run once with internet access "
         f"(e.g. on Colab; download=None or True) to fetch it through torchvision into root, or copy the "
-        f"torchvision files there yourself and pass root=... or set {DATA_DIR_ENV_VAR}."
+        f"torchvision files there yourself and pass root=... (--data-root on the command line) or set "
+        f"{DATA_DIR_ENV_VAR}."
     )
 
 
@@ -420,7 +418,7 @@ def _resize(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 def _pad(images: torch.Tensor, pad_to: int) -> torch.Tensor:
     h, w = images.shape[-2:]
     if pad_to < h or pad_to < w:
-        raise ValueError(f"pad_to={pad_to} is smaller than the images ({h}x{w}); use size= to shrink them")
+        raise ValueError(f"pad_to={pad_to} is smaller than the images ({h}x{w}); use size= (--size) to shrink them")
     top, left = (pad_to - h) // 2, (pad_to - w) // 2
     return F.pad(images, (left, pad_to - w - left, top, pad_to - h - top), value=-1.0)
 
@@ -436,6 +434,8 @@ def _select_classes(data: ImageData, classes) -> ImageData:
             wanted.append(int(c))
         else:
             raise ValueError(f"classes: expected class names or indices in 0..{data.num_classes - 1}, got {c!r}")
+    if not wanted:
+        raise ValueError("classes: an empty list selects no image (None keeps every class)")
     keep = torch.isin(data.labels, torch.tensor(wanted, dtype=torch.int64))
     return dataclasses.replace(data, images=data.images[keep], labels=data.labels[keep])
 

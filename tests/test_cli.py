@@ -90,6 +90,71 @@ def test_fp16_flag_reaches_the_trainer(tmp_path, capsys):
     assert e.value.code == 2
 
 
+def test_crop_undoes_recorded_padding_and_only_that(tmp_path, capsys):
+    """--pad-to on any data set is recorded with the unpadded size, and --crop cuts exactly the padding (the
+    centre of the padded samples); without padding nothing is recorded as padded and --crop refuses."""
+    out = tmp_path / "pad"
+    base = ["--preset", "tiny", "--dataset", "digits", "--batch-size", "4", "--T", "30", "--steps", "1",
+            "--sample-every", "0", "--no-progress"]
+    assert main(["train", *base, "--pad-to", "16", "--out", str(out)]) == 0
+    from ddpm_lib import load_checkpoint
+
+    data = load_checkpoint(out / "last.pt")[2]["data"]
+    assert data["pad_to"] == 16 and data["original_size"] == 8 and data["shape"] == [1, 16, 16]
+    arrays = {}
+    for crop in ([], ["--crop"]):
+        npz = tmp_path / f"s{len(crop)}.npz"
+        assert main(["sample", "--ckpt", str(out / "last.pt"), "--n", "2", "--steps", "2", *crop,
+                     "--no-progress", "--out", str(npz)]) == 0
+        arrays[len(crop)] = np.load(npz)["arr_0"]
+    assert arrays[1].shape == (2, 8, 8, 1)
+    np.testing.assert_array_equal(arrays[1], arrays[0][:, 4:12, 4:12])
+    plain = tmp_path / "plain"
+    assert main(["train", *base, "--size", "16", "--out", str(plain)]) == 0
+    assert load_checkpoint(plain / "last.pt")[2]["data"]["pad_to"] == 0
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(plain / "last.pt"), "--n", "1", "--steps", "1", "--crop",
+                 "--no-progress", "--out", str(tmp_path / "c.png")]) == 1
+    assert "records no padding" in _err_line(capsys)
+
+
+def test_resume_says_which_flags_it_ignores(run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(run, out)
+    assert main(["train", "--out", str(out), "--resume", "--steps", "5", "--T", "500", "--schedule", "cosine",
+                 "--lr", "1e-3", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "ignoring --schedule, --T" in err and "--lr" not in err
+    from ddpm_lib import load_checkpoint
+
+    _, diffusion, cfg = load_checkpoint(out / "last.pt")
+    assert diffusion.num_timesteps == 30 and cfg["train"]["lr"] == 1e-3  # training options do apply
+
+
+def test_sample_seed_and_early_errors(run, tmp_path, capsys):
+    outs = []
+    for seed in (1, 1, 2):
+        npz = tmp_path / "s.npz"
+        assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "3", "--steps", "3", "--eta", "1",
+                     "--seed", str(seed), "--no-progress", "--out", str(npz)]) == 0
+        outs.append(np.load(npz)["arr_0"])
+    assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
+    capsys.readouterr()
+    png = tmp_path / "fd.png"  # --fd on a digits checkpoint: refused before any sampling
+    assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "2", "--fd", "--out", str(png)]) == 1
+    assert "--fd needs a Fashion-MNIST checkpoint" in _err_line(capsys) and not png.exists()
+    (tmp_path / "afile").write_text("x")  # an output folder that is a file: one line, no traceback
+    assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "1", "--steps", "1", "--no-progress",
+                 "--out", str(tmp_path / "afile" / "x.png")]) == 1
+    _err_line(capsys)
+    if not torch.backends.mps.is_available():
+        assert main(["sample", "--ckpt", str(run / "last.pt"), "--device", "mps"]) == 1
+        assert "--device mps" in _err_line(capsys)
+    assert main(["bpd", "--ckpt", str(run / "last.pt"), "--n", "2", "--data-root", str(tmp_path)]) == 0
+
+
 def test_conditional_npz_has_labels(tmp_path):
     out = tmp_path / "cond"
     assert main(["train", *TINY, "--conditional", "--cond-drop-prob", "0.2", "--steps", "2", "--sample-every", "0",
@@ -146,7 +211,11 @@ def test_help_documents_every_option(capsys):
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
-        assert "--ckpt" in capsys.readouterr().out or name == "train"
+        out = capsys.readouterr().out
+        assert "--ckpt" in out or name == "train"
+        assert "(default: None)" not in out and "] (default:" not in out, name  # no contradicting defaults
+        if name == "train":
+            assert "batch size [128]" in out and "number of diffusion steps [1000]" in out
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0

@@ -4,6 +4,7 @@ import gzip
 import math
 import pickle
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,9 +97,32 @@ def test_fashion_mnist_test_split_pad_limit_classes(fashion):
     border[2:30, 2:30] = False
     assert (padded.images[:, :, border] == -1).all()
     sneakers = D.load_dataset("fashion_mnist", classes=["Sneaker", 9], limit=100, download=False)
-    assert set(sneakers.labels.tolist()) <= {7, 9} and len(sneakers) == 100
+    assert set(sneakers.labels.tolist()) == {7, 9} and len(sneakers) == 100
+    keep = (full.labels == 7) | (full.labels == 9)  # the first 100 of those classes, in order
+    assert torch.equal(sneakers.images, full.images[keep][:100])
+    assert torch.equal(sneakers.labels, full.labels[keep][:100])
+    with pytest.raises(ValueError, match="empty list"):
+        D.load_dataset("fashion_mnist", classes=[], download=False)
     nines = D.load_dataset("fashion_mnist", classes=np.int64(9), limit=10, download=False)  # a numpy integer too
     assert set(nines.labels.tolist()) == {9}
+
+
+@needs_fashion
+def test_fashion_mnist_pixels_are_the_idx_files(fashion):
+    """An independent parse of the IDX files (big-endian header, then rows of 28 bytes): the same pixels, in the
+    same orientation, scaled k / 127.5 - 1, and the same labels."""
+    test = D.load_dataset("fashion_mnist", "test", download=False)
+    folder = next(Path(d) / "fashion-mnist" for d in D.SYSTEM_DATA_DIRS if (Path(d) / "fashion-mnist").is_dir())
+    raw = gzip.decompress((folder / "t10k-images-idx3-ubyte.gz").read_bytes())
+    n, h, w = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
+    pixels = np.frombuffer(raw, np.uint8, offset=16).reshape(n, h, w)
+    labels = np.frombuffer(gzip.decompress((folder / "t10k-labels-idx1-ubyte.gz").read_bytes()), np.uint8, offset=8)
+    assert (n, h, w) == (10_000, 28, 28) and test.images.shape == (n, 1, h, w)
+    img = test.images[:, 0].numpy()
+    np.testing.assert_array_equal(np.round((img.astype(np.float64) + 1) * 127.5), pixels)
+    np.testing.assert_allclose(img, pixels / 127.5 - 1, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(test.labels.numpy(), labels)
+    assert not np.array_equal(pixels[:50], pixels[:50].transpose(0, 2, 1))  # orientation is testable
 
 
 def test_available_datasets_lists_offline_sets(tmp_path):
