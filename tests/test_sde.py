@@ -132,6 +132,28 @@ def test_pf_ode_and_reverse_sde_sample_the_mixture():
     assert energy_distance(x_sde, ref) < 5 * base + 2e-3
     x_eu, nfe_eu = sample_pf_ode(score, sde, xT, 1e-3, method="euler", steps=200)
     assert nfe_eu == 200 and torch.allclose(x_eu, x_ode, atol=0.1)
+    # Euler by hand: x <- x + dt v(x, t) at the start of each step, v = -1/2 beta(t) (x + score), dt < 0
+    x, ts = xT[:50], torch.linspace(1.0, 1e-3, 21, dtype=F64)
+    for a, b in zip(ts[:-1], ts[1:]):
+        t = torch.full((50,), float(a), dtype=F64)
+        x = x + float(b - a) * (-0.5 * sde.beta(float(a)) * (x + score(x, t)))
+    assert torch.allclose(sample_pf_ode(score, sde, xT[:50], 1e-3, method="euler", steps=20)[0], x, atol=1e-10)
+
+
+def test_ode_log_likelihood_with_hutchinson_probes():
+    """With probes, the divergence along the path is Hutchinson's estimate: unbiased, so the mean over many
+    probe draws is the exact log-density, and each draw scatters about it."""
+    mix, sde = toy_mixture("gaussian_mixture"), VPSDE()
+    x = mix.sample(8, 0, dtype=F64)
+    p1 = mix.noised(sde.alpha_bar(1.0)).log_prob
+    score = mixture_score(mix, sde)
+    exact = ode_log_likelihood(score, sde, x, 0.0, rtol=1e-6, atol=1e-6, prior_log_prob=p1)["log_prob"]
+    probes = torch.randn(400, 8, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    est = ode_log_likelihood(score, sde, x, 0.0, rtol=1e-6, atol=1e-6, prior_log_prob=p1, probes=probes)["log_prob"]
+    assert torch.allclose(est, exact, atol=0.3)  # measured: at most 0.16 with these 400 probes
+    one = ode_log_likelihood(score, sde, x, 0.0, rtol=1e-6, atol=1e-6, prior_log_prob=p1, probes=probes[:1])["log_prob"]
+    # one probe scatters far more than 400 (measured: mean 1.0 against 0.07; 1/sqrt(K) predicts 20 times)
+    assert (est - exact).abs().mean() < 0.25 * (one - exact).abs().mean()
 
 
 def test_score_from_eps_uses_real_labels():
