@@ -247,10 +247,20 @@ def _locate(name: str, split: str, root: Path):
 def _probe(url: str, timeout: float = _PROBE_TIMEOUT_S) -> None:
     """Raise OSError unless a TCP connection to the host of ``url`` opens within ``timeout`` s.
 
-    Runs in a daemon thread so that a slow DNS lookup cannot block longer than ``timeout`` either.
+    Where a proxy is set for the URL's scheme (``HTTPS_PROXY`` and the like, honoured by the downloads
+    themselves) and the host is not exempt (``NO_PROXY``), the proxy is probed instead. Runs in a daemon thread
+    so that a slow DNS lookup cannot block longer than ``timeout`` either.
     """
+    import urllib.request
+
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    via = ""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        pp = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        if pp.hostname:
+            host, port, via = pp.hostname, pp.port or (443 if pp.scheme == "https" else 80), "the proxy "
     result: list = []
 
     def target():
@@ -264,9 +274,9 @@ def _probe(url: str, timeout: float = _PROBE_TIMEOUT_S) -> None:
     thread.start()
     thread.join(timeout + 0.5)
     if not result:
-        raise OSError(f"no answer from {host}:{port} within {timeout:.0f} s")
+        raise OSError(f"no answer from {via}{host}:{port} within {timeout:.0f} s")
     if result[0] is not None:
-        raise OSError(f"cannot reach {host}:{port}: {result[0]}")
+        raise OSError(f"cannot reach {via}{host}:{port}: {result[0]}")
 
 
 def _download(name: str, root: Path) -> None:

@@ -196,6 +196,29 @@ def test_probe_fails_fast_on_closed_port():
     assert time.perf_counter() - t0 < 3.0
 
 
+def test_probe_goes_through_a_configured_proxy(monkeypatch):
+    """With HTTPS_PROXY set (the downloads honour it), the proxy is what must answer, not the host itself."""
+    import socket
+
+    for var in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    try:
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.getsockname()[1]}")
+        D._probe("https://weights.example.invalid/file", timeout=2.0)  # the host itself does not resolve
+        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")
+        with pytest.raises(OSError, match="the proxy 127.0.0.1:1"):
+            D._probe("https://weights.example.invalid/file", timeout=2.0)
+        monkeypatch.setenv("NO_PROXY", "weights.example.invalid")  # exempt: the host is probed, and fails
+        with pytest.raises(OSError) as e:
+            D._probe("https://weights.example.invalid/file", timeout=2.0)
+        assert "proxy" not in str(e.value)
+    finally:
+        server.close()
+
+
 def test_bad_names_and_arguments():
     with pytest.raises(ValueError, match="fashion_mnist"):
         D.load_dataset("imagenet")
