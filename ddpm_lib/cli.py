@@ -353,6 +353,9 @@ def _cmd_train(args) -> int:
     steps = args.steps
     if steps is None and args.minutes is None:
         steps = 800_000
+    if steps is not None and trainer.step >= steps:
+        _say(f"the run is already at step {trainer.step}, at or past --steps {steps} (the total, not a number to "
+             f"add): nothing to train")
     n_params = sum(p.numel() for p in trainer.model.parameters())
     c = trainer.cfg
     _say(f"training {trainer.preset or 'model'} ({n_params:,} parameters) on {trainer.data_info.get('name')} "
@@ -413,6 +416,8 @@ def _cmd_sample(args) -> int:
         raise ValueError("--guidance-scale/--class-label need a class-conditional checkpoint (trained with --conditional)")
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         raise ValueError(f"--class-label must lie in 0..{num_classes - 1}, got {args.class_label}")
+    if args.sampler == "ddpm" and args.eta != 0:
+        raise ValueError("--eta is DDIM's; --sampler ddpm always samples with the checkpoint's variance")
     if args.fd and (config.get("data") or {}).get("name") != "fashion_mnist":
         raise ValueError("--fd needs a Fashion-MNIST checkpoint")
     if args.sampler == "ddim" and args.steps > diffusion.num_timesteps:

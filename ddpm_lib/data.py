@@ -623,8 +623,8 @@ def make_loader(
         data: :class:`ImageData`, a pair ``(images, labels)`` or a tensor ``(N, ...)`` (toy points).
         batch_size: images per batch.
         shuffle: reshuffle each epoch.
-        hflip: random horizontal flips per batch (the paper's CIFAR-10 augmentation), applied after
-            moving to ``device``.
+        hflip: random horizontal flips, each image its own draw (the paper's CIFAR-10 augmentation),
+            applied after moving to ``device``.
         generator: ``torch.Generator`` or seed for the shuffling and the flips (reproducible epochs).
         drop_last: drop the last incomplete batch.
         device: move each batch there (e.g. ``"cuda"``); default: where the data are.

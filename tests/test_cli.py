@@ -131,6 +131,8 @@ def test_resume_says_which_flags_it_ignores(run, tmp_path, capsys):
 
     _, diffusion, cfg = load_checkpoint(out / "last.pt")
     assert diffusion.num_timesteps == 30 and cfg["train"]["lr"] == 1e-3  # training options do apply
+    assert main(["train", "--out", str(out), "--resume", "--steps", "2", "--no-progress"]) == 0
+    assert "already at step 5, at or past --steps 2" in capsys.readouterr().out
 
 
 def test_sample_seed_and_early_errors(run, tmp_path, capsys):
@@ -142,6 +144,8 @@ def test_sample_seed_and_early_errors(run, tmp_path, capsys):
         outs.append(np.load(npz)["arr_0"])
     assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
     capsys.readouterr()
+    assert main(["sample", "--ckpt", str(run / "last.pt"), "--sampler", "ddpm", "--eta", "1"]) == 1
+    assert "--eta is DDIM's" in _err_line(capsys)
     png = tmp_path / "fd.png"  # --fd on a digits checkpoint: refused before any sampling
     assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "2", "--fd", "--out", str(png)]) == 1
     assert "--fd needs a Fashion-MNIST checkpoint" in _err_line(capsys) and not png.exists()
