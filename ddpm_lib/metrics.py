@@ -136,7 +136,8 @@ def bits_per_dim(model, diffusion, data, n: Optional[int] = 256, batch_size: int
         except (AttributeError, StopIteration):
             device = torch.device("cpu")
     device = torch.device(device)
-    _check_data_range(images, "bits_per_dim's data", on_grid=getattr(diffusion, "decoder", None) == "discretized")
+    _check_data_range(images, "bits_per_dim's data", on_grid=getattr(diffusion, "decoder", None) == "discretized",
+                      stacklevel=4)  # the caller of bits_per_dim, past torch.no_grad's wrapper
     conditional = bool(getattr(model, "num_classes", None)) and labels is not None
     if getattr(model, "num_classes", None) and labels is None:
         warnings.warn("the model is class-conditional but the data have no labels: it runs with its null class "
@@ -168,7 +169,7 @@ def bits_per_dim(model, diffusion, data, n: Optional[int] = 256, batch_size: int
     return BPDResult(n=int(images.shape[0]), conditional=conditional, **values)
 
 
-def _check_data_range(x: torch.Tensor, what: str, on_grid: bool = False) -> None:
+def _check_data_range(x: torch.Tensor, what: str, on_grid: bool = False, stacklevel: int = 3) -> None:
     """Images meant to lie in [-1, 1]: raise on non-finite values or on values far outside (0..255 data), warn
     when none is negative (0..1 data, whose pixels would all read as mid-grey or brighter) and, with ``on_grid``,
     when they are not 256 levels (the discretized decoder's bins)."""
@@ -183,12 +184,12 @@ def _check_data_range(x: torch.Tensor, what: str, on_grid: bool = False) -> None
                          f"[{lo:g}, {hi:g}]")
     if lo >= 0:
         warnings.warn(f"{what} have no negative value (range [{lo:g}, {hi:g}]): images in [0, 1]? ddpm_lib "
-                      f"expects [-1, 1] (x * 2 - 1)", RuntimeWarning, stacklevel=3)
+                      f"expects [-1, 1] (x * 2 - 1)", RuntimeWarning, stacklevel=stacklevel)
     if on_grid:
         levels = (x.double() + 1) * 127.5
         if lo < -1 - 1e-6 or hi > 1 + 1e-6 or float((levels - levels.round()).abs().max()) > 1e-3:
             warnings.warn(f"{what} are not the 256 levels of 8-bit images scaled to [-1, 1], which the "
-                          f"discretized decoder assumes (its bins are 2/255 wide)", RuntimeWarning, stacklevel=3)
+                          f"discretized decoder assumes (its bins are 2/255 wide)", RuntimeWarning, stacklevel=stacklevel)
 
 
 # ---------------------------------------------------------------------------------------------- FID

@@ -60,10 +60,15 @@ def test_bits_per_dim_checks_its_data():
     with pytest.warns(RuntimeWarning, match="not the 256 levels"):
         bits_per_dim(model, diffusion, x * 0.999, n=2)
     cond = UNet.from_preset("tiny", in_channels=1, image_size=8, num_classes=10).eval()
+    with torch.no_grad():  # past the zero-initialised output layer, so that the label matters
+        for p in cond.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     with pytest.warns(RuntimeWarning, match="no labels: it runs with its null class"):
-        assert bits_per_dim(cond, diffusion, x, n=2).conditional is False
+        null = bits_per_dim(cond, diffusion, x, n=2)
     data = load_dataset("digits", limit=2)
-    assert bits_per_dim(cond, diffusion, data, n=2).conditional is True
+    given = bits_per_dim(cond, diffusion, data, n=2)
+    assert given.conditional is True and null.conditional is False
+    assert abs(given.total - null.total) > 1e-4  # the labels reached the model (same noise, other class)
 
 
 def test_fid_passes_uint8_rgb_images_to_torchmetrics(monkeypatch):
