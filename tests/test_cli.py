@@ -168,6 +168,9 @@ def test_conditional_npz_has_labels(tmp_path):
                  "--class-label", "7", "--out", str(npz), "--no-progress"]) == 0
     arr = np.load(npz)
     assert arr["arr_0"].shape == (3, 8, 8, 1) and arr["arr_1"].tolist() == [7, 7, 7]
+    assert main(["sample", "--ckpt", str(out / "last.pt"), "--n", "12", "--batch-size", "5", "--steps", "1",
+                 "--out", str(npz), "--no-progress"]) == 0  # no --class-label: the classes in turn
+    assert np.load(npz)["arr_1"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
 
 
 def test_fashion_crop_undoes_padding(tmp_path):

@@ -157,13 +157,20 @@ def test_cifar10_from_torchvision_files(tmp_path, no_download):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
+    batches = {}
     for name in D._CIFAR_FILES["train"] + D._CIFAR_FILES["test"]:
         batch = {"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 9]}
+        batches[name] = batch
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     train = D.load_dataset("cifar-10", root=tmp_path)
     assert train.images.shape == (20, 3, 32, 32) and train.labels.dtype == torch.int64
     assert -1 <= train.images.min() and train.images.max() <= 1
+    # the CIFAR-10 row layout: 1024 red values, then green, then blue, each row by row; labels as stored
+    first = batches[D._CIFAR_FILES["train"][0]]
+    want = first["data"][1].reshape(3, 32, 32).astype(np.float64) / 127.5 - 1
+    np.testing.assert_allclose(train.images[1].numpy(), want, atol=1e-6)
+    assert train.labels[:4].tolist() == [0, 1, 2, 9]
     assert train.class_names[0] == "airplane"
     assert len(D.load_dataset("cifar10", "test", root=tmp_path)) == 4
     assert "cifar10" in D.available_datasets(tmp_path)
