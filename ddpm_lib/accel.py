@@ -1,8 +1,9 @@
 """The fast path on a GPU: bfloat16, ``channels_last``, ``torch.compile``, a fused optimizer and CUDA graphs.
 
 Nothing here changes the mathematics: the network keeps its float32 master weights (and the EMA its
-float32 average); only the arithmetic of the forward and backward passes runs in bfloat16 under
-``torch.autocast``. Each speed-up is a named option, and each falls back cleanly where it cannot run:
+float32 average); only the arithmetic of the forward and backward passes runs in bfloat16 (or float16
+with ``fp16=True``) under ``torch.autocast``. Each speed-up is a named option, and each falls back cleanly
+where it cannot run:
 
 ==================  ==========  ===================================================================
 option              default     meaning
@@ -10,6 +11,8 @@ option              default     meaning
 ``bf16``            ``"auto"``  bfloat16 autocast (on for CUDA GPUs with native bf16, compute
                                 capability 8.0 or newer: A100, H100, L4, RTX 30xx; off on a T4 or
                                 V100, where bf16 is emulated and slower than float32)
+``fp16``            ``False``   float16 autocast instead, for GPUs without native bf16 (a T4, a
+                                V100); excludes ``bf16=True`` (the Trainer adds loss scaling)
 ``channels_last``   ``"auto"``  NHWC memory format for weights and activations (on for CUDA)
 ``compile``         ``"auto"``  ``torch.compile`` (on for CUDA when Triton is there); any failure
                                 of the compiler warns once and the model runs eagerly

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a U-Net on an image data set with the paper's settings (each a flag). "
                                    "Writes OUT/last.pt, OUT/config.json, OUT/loss_history.{json,csv} and "
                                    "OUT/samples/step_*.png. Options left out take the paper's values, or the "
-                                   "checkpoint's when resuming.")
+                                   "checkpoint's when resuming; with --resume the model, diffusion and data "
+                                   "flags are ignored (with a warning).")
     t.add_argument("--out", required=True, help="output folder (checkpoints, grids, loss history)")
     t.add_argument("--preset", default=None, choices=UNet.presets(), help="U-Net preset [fashion-small]")
     t.add_argument("--dataset", default=None, choices=["fashion_mnist", "mnist", "cifar10", "digits"],
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png", help="output .png (grid) or .npz (raw uint8 samples)")
     s.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="DDPM (Algorithm 2, T steps) or DDIM")
     s.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (DDPM always takes T)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; not with --sampler ddpm)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples")
     s.add_argument("--batch-size", type=_positive_int, default=256, help="samples per batch")
     s.add_argument("--seed", type=int, default=0,

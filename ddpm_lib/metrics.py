@@ -91,7 +91,7 @@ class BPDResult:
     n: int
     conditional: bool = False
 
-    def as_dict(self) -> Dict[str, float]:
+    def as_dict(self) -> Dict[str, Union[float, int, bool]]:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
@@ -114,7 +114,9 @@ def bits_per_dim(model, diffusion, data, n: Optional[int] = 256, batch_size: int
     """The negative log-likelihood bound in bits/dim of the first ``n`` images of ``data`` (book ``eq-vlb``).
 
     Wraps :meth:`GaussianDiffusion.calc_bpd_loop` (T network calls per batch). A class-conditional
-    model (``num_classes``) gets the labels when ``data`` has them (a bound on ``-log p(x | y)``).
+    model (``num_classes``) gets the labels when ``data`` has them (a bound on ``-log p(x | y)``); without
+    labels it warns and runs with its null class (``BPDResult.conditional`` records which). Data outside
+    [-1, 1] or non-finite are refused; data in [0, 1] or off the 8-bit grid draw a warning.
 
     Args:
         data: :class:`~ddpm_lib.data.ImageData`, an image tensor ``(N, C, H, W)`` in [-1, 1] (8-bit
@@ -189,7 +191,8 @@ def _check_data_range(x: torch.Tensor, what: str, on_grid: bool = False, stackle
         levels = (x.double() + 1) * 127.5
         if lo < -1 - 1e-6 or hi > 1 + 1e-6 or float((levels - levels.round()).abs().max()) > 1e-3:
             warnings.warn(f"{what} are not the 256 levels of 8-bit images scaled to [-1, 1], which the "
-                          f"discretized decoder assumes (its bins are 2/255 wide)", RuntimeWarning, stacklevel=stacklevel)
+                          f"discretized decoder assumes (its bins are 2/255 wide)", RuntimeWarning,
+                      stacklevel=stacklevel)
 
 
 # ---------------------------------------------------------------------------------------------- FID
@@ -252,6 +255,8 @@ def fid(samples, reference, *, device=None, batch_size: int = 100) -> float:
         FIDUnavailableError: torchmetrics/torch-fidelity are not installed, or the Inception weights
             are not cached and cannot be downloaded (offline). The message names the cause and the
             offline alternative, :func:`fd_fashion`.
+        ValueError: float images with non-finite values or far outside [-1, 1] (0..255 floats: pass
+            uint8); float images with no negative value (0..1?) draw a ``RuntimeWarning``.
     """
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
@@ -507,7 +512,8 @@ def fd_fashion(samples, reference=None, n: Optional[int] = None, *, device=None,
     Args:
         samples: ``(N, 1, 28, 28)`` or ``(N, 1, 32, 32)`` (padded; cropped to 28x28) floats in [-1, 1],
             or uint8 arrays ``(N, H, W[, 1])`` (e.g. ``np.load("samples.npz")["arr_0"]``); values are
-            rounded to 8-bit levels like the real data.
+            rounded to 8-bit levels like the real data. Non-finite floats or floats far outside [-1, 1] are
+            refused, floats with no negative value draw a warning, as in :func:`fid`.
         reference: real images (same formats); default the Fashion-MNIST test split. Two disjoint sets
             of ``n`` are drawn from it (seeded): ``A`` for the distance and ``B`` for the baseline
             FD(B, A). When the test split holds fewer than ``2 n`` images, ``B`` comes from the

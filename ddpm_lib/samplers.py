@@ -116,7 +116,8 @@ def ddpm_sample(
 
 
 def ddim_timesteps(num_timesteps: int, steps: int, skip_type: str = "uniform") -> np.ndarray:
-    """The DDIM sub-sequence tau, increasing, 0-based (book ``eq-ddim-timesteps``).
+    """The DDIM sub-sequence tau, 0-based (book ``eq-ddim-timesteps``): increasing, except that
+    ``"quadratic"`` may repeat a timestep.
 
     ``"uniform"``: ``floor((i - 1) T / S)`` for ``i = 1..S``, the DDIM paper's ``tau_i = (i - 1) T / S``
     (e.g. 0, 20, ..., 980 for T = 1000, S = 50). Where S divides T this is ``0, c, 2c, ...`` with
@@ -245,7 +246,7 @@ def ddim_invert(
 ) -> torch.Tensor:
     """Encode data to x_T by running the deterministic DDIM ODE forwards (book ``eq-ddim-inversion``).
 
-    From x_0 it visits the same timesteps as :func:`ddim_sample` in increasing order, using the
+    From x_0 it visits the same timesteps as :func:`ddim_sample` in non-decreasing order, using the
     model's eps at the current point (the usual first-order inversion). ``ddim_sample(..., x_T=
     ddim_invert(...), eta=0, clip_denoised=False)`` gives back x0 up to discretisation error.
     """
