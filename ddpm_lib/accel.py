@@ -863,6 +863,9 @@ class TrainStep:
     def __init__(self, fast: FastModel, diffusion, optimizer: torch.optim.Optimizer, ema=None, *,
                  ema_decay: Optional[float] = None, grad_clip: Optional[float] = 1.0, cuda_graph: bool = False,
                  generator: Optional[torch.Generator] = None, warmup_calls: int = 3):
+        if getattr(fast, "fp16", False):
+            raise ValueError("TrainStep has no loss scaling, which float16 training needs: train an fp16 model "
+                             "with Trainer(fp16=True), or prepare it with bf16")
         self.fast = fast
         self.diffusion = diffusion
         self.optimizer = optimizer
@@ -1252,6 +1255,9 @@ def make_sampler_forward(model: Union[FastModel, nn.Module], device=None, *, bf1
     extra: Dict[str, Any] = SAMPLER_EXPERIMENTS if experimental else {}
     if isinstance(model, FastModel):
         fast = model
+        if fp16 and not fast.fp16:
+            raise ValueError("fp16=True, but the FastModel given was prepared without it: "
+                             "prepare_model(..., fp16=True), or pass the nn.Module")
         _set_variants(fast.module, **extra)
     else:
         fast = prepare_model(model, device, bf16=bf16, fp16=fp16, channels_last=channels_last, compile=compile,

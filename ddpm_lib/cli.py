@@ -299,6 +299,9 @@ def _cmd_train(args) -> int:
     if "grad_clip" in explicit and explicit["grad_clip"] <= 0:
         explicit["grad_clip"] = None
     explicit["progress"] = not args.no_progress
+    if explicit.get("fp16"):  # --fp16 on turns bf16 and the CUDA graph off unless they are asked for
+        explicit.setdefault("bf16", "auto")
+        explicit.setdefault("cuda_graph", "auto")
 
     resume_path: Optional[Path] = None
     if args.resume is not None:

@@ -870,6 +870,7 @@ class Trainer:
         self.scaler.update()
         before, self._scale = self._scale, self.scaler.get_scale()
         if self._scale < before:  # the scaler found an inf/NaN gradient: no update was applied
+            self._check_finite()  # a non-finite loss (a forward overflow) is reported as such, at its step
             self.skipped_steps += 1
             if self._scale < 1.0:
                 self._write_history()
@@ -985,6 +986,10 @@ class Trainer:
                     dynamic_ncols=True, mininterval=1.0)
         self._win_t, self._win_step = time.perf_counter(), self.step
         self._interrupted = False
+        if self.scaler is not None:  # a step cut short (out of memory, Ctrl-C) after unscale_ left it mid-step
+            state = self.scaler.state_dict()
+            self.scaler = torch.amp.GradScaler(self.device.type)
+            self.scaler.load_state_dict(state)
         old_handler = self._install_sigint()
         try:
             while (target is None or self.step < target) and time.perf_counter() < deadline:

@@ -101,6 +101,12 @@ def test_fp16_forward_is_float16_autocast_and_excludes_bf16():
         accel.prepare_model(copy.deepcopy(m), "cpu", bf16=True, fp16=True)
     with pytest.raises(ValueError, match="fp16 must be True or False"):
         accel.prepare_model(copy.deepcopy(m), "cpu", fp16="auto")
+    plain = accel.prepare_model(copy.deepcopy(m), "cpu", compile=False)
+    with pytest.raises(ValueError, match="prepared without it"):  # not silently ignored
+        accel.make_sampler_forward(plain, fp16=True)
+    opt = accel.make_optimizer(fast.module.parameters(), lr=1e-4)
+    with pytest.raises(ValueError, match="no loss scaling"):  # float16 training needs the Trainer's scaler
+        accel.make_train_step(fast, GaussianDiffusion("linear", num_timesteps=100), opt)
 
 
 def test_sampler_forward_experimental_is_the_same_network():
@@ -174,17 +180,18 @@ def _reference_steps(model, diffusion, batches, seed, lr=2e-4, clip=1.0, decay=0
     return losses, norms, ema
 
 
-def test_train_step_fp32_equals_algorithm_1():
+@pytest.mark.parametrize("clip", [1.0, 0.01])  # the norms are about 0.84: only 0.01 clips
+def test_train_step_fp32_equals_algorithm_1(clip):
     d = GaussianDiffusion("linear", num_timesteps=1000)
     batches = [_images(8, seed=i) for i in range(3)]
     ref_model = _tiny(randomise=True)
     model = copy.deepcopy(ref_model)
-    ref_losses, ref_norms, ref_ema = _reference_steps(ref_model, d, batches, seed=5)
+    ref_losses, ref_norms, ref_ema = _reference_steps(ref_model, d, batches, seed=5, clip=clip)
 
     fast = accel.prepare_model(model, "cpu", bf16=False, channels_last=False, compile=False)
     opt = accel.make_optimizer(fast.module.parameters(), lr=2e-4)
     ema = EMA(fast.module, decay=0.9)
-    step = accel.make_train_step(fast, d, opt, ema, generator=torch.Generator().manual_seed(5))
+    step = accel.make_train_step(fast, d, opt, ema, generator=torch.Generator().manual_seed(5), grad_clip=clip)
     for i, x0 in enumerate(batches):
         loss, gnorm = step(x0, step=i)
         assert loss.shape == () and loss.dtype == torch.float32 and not loss.requires_grad

@@ -88,6 +88,12 @@ def test_fp16_flag_reaches_the_trainer(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # on|off only
         main(["train", *TINY, "--fp16", "auto", "--out", str(out)])
     assert e.value.code == 2
+    # a run trained with --bf16 on, resumed with --fp16 on: bf16 goes back to auto (off under fp16)
+    bf = tmp_path / "bf16"
+    assert main(["train", *TINY, "--bf16", "on", "--steps", "1", "--sample-every", "0", "--out", str(bf)]) == 0
+    assert main(["train", "--out", str(bf), "--resume", "--fp16", "on", "--steps", "2", "--no-progress"]) == 0
+    train = torch.load(bf / "last.pt", map_location="cpu", weights_only=False)["config"]["train"]
+    assert train["fp16"] is True and train["bf16"] == "auto"
 
 
 def test_crop_undoes_recorded_padding_and_only_that(tmp_path, capsys):

@@ -93,11 +93,12 @@ def test_warmup_lr_values():
 
 
 def test_trainer_sets_warmup_lr(digits, tmp_path):
-    tr = _trainer(digits, None, warmup=4, lr=1e-3)
-    seen = []
-    tr.optimizer.register_step_pre_hook(lambda opt, a, k: seen.append(opt.param_groups[0]["lr"]))
-    tr.train(steps=6)
-    assert seen == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    for cuda_graph in (False, True):  # the plain step and accel.TrainStep (without a graph on the CPU)
+        tr = _trainer(digits, None, warmup=4, lr=1e-3, cuda_graph=cuda_graph)
+        seen = []
+        tr.optimizer.register_step_pre_hook(lambda opt, a, k: seen.append(float(opt.param_groups[0]["lr"])))
+        tr.train(steps=6)
+        assert seen == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]), cuda_graph
 
 
 def test_ema_math():
@@ -507,6 +508,14 @@ def test_fp16_runs_under_float16_autocast_with_unscaled_gradients(digits):
         tr.model.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
         tr.train(steps=3)
         runs[fp16] = (tr, torch.cat([p.grad.flatten() for p in tr._params]), set(dtypes))
+    # with clipping that acts (the norm is about 3.8): the gradient is unscaled before it is clipped
+    clipped = []
+    for fp16 in (False, True):
+        tr = _trainer(digits, None, fp16=fp16, grad_clip=0.01)
+        tr.train(steps=3)
+        clipped.append(torch.cat([p.grad.flatten() for p in tr._params]))
+    assert clipped[0].norm() == pytest.approx(0.01, rel=1e-4)
+    assert (clipped[1] - clipped[0]).norm() / clipped[0].norm() < 5e-3
     tr, g16, dtypes = runs[True]
     assert dtypes == {torch.float16} and runs[False][2] == {torch.float32}
     assert tr.use_fp16 and not tr.use_bf16 and tr._step_fn is None and tr.stats["fp16"]
@@ -563,10 +572,32 @@ def test_fp16_stops_when_the_gradient_overflows_even_unscaled(digits, tmp_path):
         tr.train(steps=40)
     assert e.value.step == 17 and tr.skipped_steps == 17  # 2**16 halved 17 times
     assert read_checkpoint(tmp_path / "last.pt")["step"] == 16
+    for sync_each_step in (True, False):  # False: as on CUDA, where the loss flag is read every log_every steps
+        tr = _trainer(digits, None, fp16=True, log_every=100)
+        tr._sync_each_step = sync_each_step
+        tr.model.register_forward_hook(lambda m, i, o: o * float("nan") if tr.step >= 2 else o)
+        with pytest.raises(NonFiniteLossError, match="non-finite at step 3.*fp16=False"):
+            tr.train(steps=40)
+
+
+def test_fp16_trainer_goes_on_after_a_step_cut_short(digits, monkeypatch):
+    """Out of memory after the gradient was unscaled (in the clipping): the same trainer trains on."""
     tr = _trainer(digits, None, fp16=True)
-    tr.model.register_forward_hook(lambda m, i, o: o * float("nan") if tr.step == 2 else o)
-    with pytest.raises(NonFiniteLossError, match="non-finite at step 3.*fp16=False"):
+    clip = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def oom_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return clip(*a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", oom_once)
+    with pytest.raises(TrainingOutOfMemoryError):
         tr.train(steps=STEPS)
+    assert tr.step == 2
+    tr.train(steps=STEPS)
+    assert tr.step == STEPS and tr.scaler.get_scale() == 2.0**16
 
 
 def test_compile_auto_falls_back(digits, monkeypatch):
