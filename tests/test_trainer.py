@@ -526,6 +526,19 @@ def test_fp16_runs_under_float16_autocast_with_unscaled_gradients(digits):
     assert all(math.isfinite(l) for _, l in tr.history)
 
 
+def test_fp16_first_compiled_step_scales_its_backward(digits, monkeypatch):
+    """The first step under compile=True runs its own backward (compiling it): under fp16 that backward is
+    scaled too, so the update equals the uncompiled one (torch.compile stood in for by the identity here)."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
+    grads = []
+    for compile_ in (False, True):
+        tr = _trainer(digits, None, fp16=True, compile=compile_, grad_clip=None)
+        tr.train(steps=1)
+        assert tr.compiled is compile_
+        grads.append(torch.cat([p.grad.flatten() for p in tr._params]))
+    assert torch.equal(grads[0], grads[1]) and grads[0].norm() > 0
+
+
 def _overflow_at(tr, steps):
     """Make the gradient of the given (1-based) updates infinite, as a float16 overflow would."""
     p = tr._params[0]
