@@ -111,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint's when resuming; with --resume the model, diffusion and data "
                                    "flags are ignored (with a warning).")
     t.add_argument("--out", required=True, help="output folder (checkpoints, grids, loss history)")
-    t.add_argument("--preset", default=None, choices=UNet.presets(), help="U-Net preset [fashion-small]")
+    new = _NEW_RUN_DEFAULTS  # shown as [value]; the parser's default None tells a flag given from one left out
+    t.add_argument("--preset", default=None, choices=UNet.presets(), help=f"U-Net preset [{new['preset']}]")
     t.add_argument("--dataset", default=None, choices=["fashion_mnist", "mnist", "cifar10", "digits"],
-                   help="training data (digits: scikit-learn's 8x8 digits, always offline) [fashion_mnist]")
+                   help=f"training data (digits: scikit-learn's 8x8 digits, always offline) [{new['dataset']}]")
     t.add_argument("--data-root", default=None, help="torchvision data root (default $DDPM_DATA_DIR or ~/.cache/ddpm_lib)")
     t.add_argument("--limit", type=_positive_int, default=None, help="use only the first LIMIT training images")
     t.add_argument("--size", type=_positive_int, default=None, help="resize the images to SIZE x SIZE first")
@@ -147,12 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=None, help="random seed [0]")
     d = t.add_argument_group("diffusion (paper defaults)")
     d.add_argument("--schedule", default=None, choices=["linear", "cosine", "quadratic", "sigmoid"],
-                   help="beta schedule [linear]")
-    d.add_argument("--T", type=_positive_int, default=None, help="number of diffusion steps [1000]")
-    d.add_argument("--mean-type", default=None, choices=["eps", "x0", "v"], help="what the network predicts [eps]")
+                   help=f"beta schedule [{new['schedule']}]")
+    d.add_argument("--T", type=_positive_int, default=None, help=f"number of diffusion steps [{new['T']}]")
+    d.add_argument("--mean-type", default=None, choices=["eps", "x0", "v"],
+                   help=f"what the network predicts [{new['mean_type']}]")
     d.add_argument("--var-type", default=None, choices=["fixed_large", "fixed_small", "learned_range"],
-                   help="reverse-process variance [fixed_large]")
-    d.add_argument("--loss-type", default=None, choices=["simple", "vlb", "hybrid"], help="training loss [simple]")
+                   help=f"reverse-process variance [{new['var_type']}]")
+    d.add_argument("--loss-type", default=None, choices=["simple", "vlb", "hybrid"],
+                   help=f"training loss [{new['loss_type']}]")
     e = t.add_argument_group("output")
     e.add_argument("--log-every", type=_positive_int, default=None, help="log the mean loss every N steps [100]")
     e.add_argument("--save-every", type=_nonneg_int, default=None, help="checkpoint every N steps; 0: only at the end [5000]")

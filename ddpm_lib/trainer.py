@@ -641,7 +641,7 @@ class Trainer:
         self.use_fp16 = config.fp16
         self.use_bf16 = _resolve_auto(config.bf16, cuda and bf16_native(self.device)) and not self.use_fp16
         # float16's narrow range: dynamic loss scaling (the scale as last read on the host, in _scale)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.use_fp16 else None
+        self.scaler = self._new_scaler() if self.use_fp16 else None
         self._scale = self.scaler.get_scale() if self.scaler is not None else 1.0
         self.skipped_steps = 0
         self.use_channels_last = _resolve_auto(config.channels_last, cuda)
@@ -820,6 +820,13 @@ class Trainer:
                                   dtype=torch.float16 if self.use_fp16 else torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _new_scaler(self, state: Optional[Mapping[str, Any]] = None) -> "torch.amp.GradScaler":
+        """A loss scaler in its initial state, or in ``state`` (a ``state_dict``), between two steps."""
+        scaler = torch.amp.GradScaler(self.device.type)
+        if state:
+            scaler.load_state_dict(dict(state))
+        return scaler
+
     def _backward(self, loss: torch.Tensor) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
@@ -987,9 +994,7 @@ class Trainer:
         self._win_t, self._win_step = time.perf_counter(), self.step
         self._interrupted = False
         if self.scaler is not None:  # a step cut short (out of memory, Ctrl-C) after unscale_ left it mid-step
-            state = self.scaler.state_dict()
-            self.scaler = torch.amp.GradScaler(self.device.type)
-            self.scaler.load_state_dict(state)
+            self.scaler = self._new_scaler(self.scaler.state_dict())
         old_handler = self._install_sigint()
         try:
             while (target is None or self.step < target) and time.perf_counter() < deadline:
@@ -1282,9 +1287,7 @@ class Trainer:
         self._loss_sum = torch.as_tensor(win.get("sum", 0.0), dtype=torch.float32).to(self.device).reshape(())
         self._loss_count = int(win.get("count", 0))
         if self.scaler is not None:  # a checkpoint without one (trained without fp16) starts a fresh scale
-            self.scaler = torch.amp.GradScaler(self.device.type)
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
+            self.scaler = self._new_scaler(state.get("scaler"))
             self._scale = self.scaler.get_scale()
             self.skipped_steps = int(state.get("skipped_steps", 0))
         rng = state.get("rng") or {}
