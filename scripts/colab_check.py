@@ -5,8 +5,11 @@
 1. builds a wheel of ddpm_lib (``pip wheel --no-deps`` on a clean copy of ``pyproject.toml``,
    ``README.md`` and ``ddpm_lib/``);
 2. creates a fresh virtual environment outside the repository (a temporary folder, or ``--venv``)
-   and installs the wheel with its ``[book]`` extra and its dependencies from the package index
-   (torch from this machine's wheels where pip finds them), plus nbval, pytest and pytest-xdist;
+   and installs the wheel with its ``[book]`` extra and its dependencies from the package index,
+   plus nbval, pytest and pytest-xdist. torch, torchvision and the CUDA libraries they require come
+   pre-installed, as on Colab: they are linked from the environment running this script (about 5.5 GB
+   of CUDA build that a second copy would add to the disk; a CI run once ran out of disk there), and
+   pip must accept them as they are. ``--no-share-torch`` installs them too;
 3. copies the notebooks (``book/**/*.ipynb``, or those named) into a temporary working folder
    outside the repository, keeping their sub-folders;
 4. runs ``pytest --nbval-lax`` there with ``DDPM_BOOK_QUICK=1`` and the fresh environment's kernel
@@ -24,6 +27,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,7 +110,60 @@ def _venv_python(venv: Path) -> Path:
     return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def make_venv(venv: Path, wheel: Path) -> Path:
+# Shared with the fresh environment rather than installed into it: these, and what they require whose name
+# starts with one of the prefixes (the CUDA libraries of a CUDA build of torch).
+SHARED_ROOTS = ("torch", "torchvision")
+SHARED_PREFIXES = ("nvidia-", "cuda-", "triton")
+
+
+def _dist_key(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _shared_dists() -> list:
+    """The installed distributions of SHARED_ROOTS and, transitively, of their requirements named by
+    SHARED_PREFIXES (those of extras too: torch names its CUDA libraries as extras of cuda-toolkit), in the
+    environment running this script (none where it has no torch)."""
+    from importlib import metadata
+    installed = {}
+    for dist in metadata.distributions():
+        installed.setdefault(_dist_key(dist.metadata["Name"] or ""), dist)
+    todo = [_dist_key(n) for n in SHARED_ROOTS]
+    found = {}
+    while todo:
+        key = todo.pop()
+        dist = installed.get(key)
+        if key in found or dist is None or dist.files is None:
+            continue
+        found[key] = dist
+        for req in dist.requires or []:
+            m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
+            if m and _dist_key(m.group(1)).startswith(SHARED_PREFIXES):
+                todo.append(_dist_key(m.group(1)))
+    return [found[k] for k in sorted(found)]
+
+
+def share_torch(py: Path, dest: Path) -> list:
+    """Make torch and its CUDA libraries importable, and known to pip as installed, in the environment of
+    ``py`` without copying them: symbolic links to their top-level folders and ``.dist-info`` folders in
+    ``dest``, and a ``.pth`` file in that environment's site-packages naming ``dest``. Returns the names."""
+    dists = _shared_dists()
+    if not dists:
+        return []
+    dest.mkdir(parents=True, exist_ok=True)
+    for dist in dists:
+        site = Path(dist.locate_file(""))
+        for top in sorted({f.parts[0] for f in dist.files if f.parts and f.parts[0] != ".."}):
+            link, target = dest / top, site / top
+            if target.exists() and not link.exists():
+                link.symlink_to(target, target_is_directory=target.is_dir())
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "ddpm-colab-check-shared.pth").write_text(f"{dest}\n")
+    return [f"{d.metadata['Name']} {d.version}" for d in dists]
+
+
+def make_venv(venv: Path, wheel: Path, share: bool = True) -> Path:
     stamp = venv / ".ddpm-wheel"
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     py = _venv_python(venv)
@@ -116,6 +173,10 @@ def make_venv(venv: Path, wheel: Path) -> Path:
     if not py.exists():
         base = getattr(sys, "_base_executable", None) or sys.executable
         _run([base, "-m", "venv", venv])
+        if share:
+            names = share_torch(py, venv / "shared-site-packages")
+            print(f"pre-installed as on Colab, linked from {sys.prefix}: {', '.join(names) or 'nothing (no torch)'}",
+                  flush=True)
     start = time.perf_counter()
     _run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--force-reinstall", "--no-deps", wheel],
          quiet=True)
@@ -172,6 +233,9 @@ def main(argv=None) -> int:
     ap.add_argument("-n", "--jobs", default=os.environ.get("JOBS", "2"), help="pytest-xdist workers (0: none)")
     ap.add_argument("--venv", type=Path, help="use (or create) this environment instead of a fresh temporary one")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--no-share-torch", dest="share_torch", action="store_false",
+                    help="install torch and its CUDA libraries into the fresh environment too (about 5.5 GB of "
+                         "disk for a CUDA build) instead of linking those of the environment running this script")
     ap.add_argument("--report", type=Path, help="write per-notebook times as JSON here")
     ap.add_argument("--cell-timeout", default="900", help="seconds per cell (nbval)")
     args = ap.parse_args(argv)
@@ -184,7 +248,7 @@ def main(argv=None) -> int:
     try:
         wheel = build_wheel(tmp / "dist")
         print(f"wheel: {wheel.name}", flush=True)
-        py = make_venv(venv, wheel)
+        py = make_venv(venv, wheel, share=args.share_torch)
         t_setup = time.perf_counter() - start
         env = clean_env(venv)
         where = subprocess.run([py, "-c", "import ddpm_lib, sys; print(ddpm_lib.__file__)"], cwd=tmp,
