@@ -278,6 +278,10 @@ def test_record_the_committed_gpu_results(tmp_path, capsys):
     assert "| `nvidia-h200-run3.json` | 2026-11-27 02:37 | `trainer` | defaults | compiled True, CUDA graph True |" \
         in section
     assert "not a floor" in section and "compiled False, CUDA graph False" in section
+    # networks alone: like for like, diffusers' network in the same graphed step as `fast` (4,933 / 4,560);
+    # the JSON's own summary left that row out (1,731, the ungraphed `bf16_cl_compile+ddpm_step`)
+    assert "reaches at best 4,560 images/s (`bf16_cl_compile_graph`), and ddpm_lib's best is **1.08×** that" \
+        in section
     for doc in record.DOCS:  # the documents hold this very section
         assert section.strip() in doc.read_text(), doc
     other = json.loads(runs[0].read_text())
