@@ -119,10 +119,12 @@ def ddim_timesteps(num_timesteps: int, steps: int, skip_type: str = "uniform") -
     """The DDIM sub-sequence tau, 0-based (book ``eq-ddim-timesteps``): increasing, except that
     ``"quadratic"`` may repeat a timestep.
 
-    ``"uniform"``: ``floor((i - 1) T / S)`` for ``i = 1..S``, the DDIM paper's ``tau_i = (i - 1) T / S``
-    (e.g. 0, 20, ..., 980 for T = 1000, S = 50). Where S divides T this is ``0, c, 2c, ...`` with
-    ``c = T / S``, the ``"leading"`` spacing of common libraries; for other S those stop at
-    ``(S - 1) floor(T / S)`` (897 for S = 300), far below T, while this one ends within T / S of it.
+    ``"uniform"``: ``floor((i - 1) T / S)`` for ``i = 1..S``, the spacing of the DDIM paper's code
+    (``range(0, T, T // S)`` where S divides T; e.g. 0, 20, ..., 980 for T = 1000, S = 50). Where S divides
+    T this is ``0, c, 2c, ...`` with ``c = T / S``, the ``"leading"`` spacing of common libraries; for other
+    S those stop at ``(S - 1) floor(T / S)`` (897 for S = 300), far below T, while this one ends within
+    T / S of it. (The paper's text writes the linear choice as ``tau_i = floor(c i)`` with ``tau_S`` close
+    to T: where S divides T that is ``"trailing"`` below, 19, 39, ..., 999 in 0-based indices.)
     ``"quadratic"``: ``floor((sqrt(0.8 T) (i - 1) / (S - 1))^2)`` for ``i = 1..S`` (0 to 0.8 T), the DDIM
     paper's choice for CIFAR-10, as its code computes it: a timestep repeated at the start (0, 0, 1, ...
     for T = 1000, S = 50) is kept, and its step (from t to the same t) leaves x as it is.
