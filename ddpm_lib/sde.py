@@ -182,12 +182,15 @@ def score_from_eps(model: nn.Module, sde: VPSDE, num_timesteps: int,
     T = num_timesteps
     # -log abar_i of the discrete linear schedule, i = 0..T-1 (float64; increasing)
     neg_log_ab = -torch.log1p(-torch.linspace(sde.beta_min / T, sde.beta_max / T, T, dtype=torch.float64)).cumsum(0)
+    tables = {neg_log_ab.device: neg_log_ab}  # one copy per device: no host-to-device copy per network call
 
     def label_of(t: torch.Tensor) -> torch.Tensor:
         if labels == "time":
             return sde.index_of_time(t, T)
         g = sde.integral_beta(t.to(torch.float64))
-        table = neg_log_ab.to(g.device)
+        table = tables.get(g.device)
+        if table is None:
+            table = tables[g.device] = neg_log_ab.to(g.device)
         k = torch.searchsorted(table, g).clamp(1, T - 1)  # the segment [k-1, k]; the end ones extrapolate
         lo, hi = table[k - 1], table[k]
         return ((k - 1) + (g - lo) / (hi - lo)).to(t.dtype)
