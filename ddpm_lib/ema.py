@@ -9,12 +9,13 @@ which lets the average follow the fast-changing early weights.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Dict
 
 import torch
 from torch import nn
 
-__all__ = ["EMA", "ema_decay_at"]
+__all__ = ["EMA", "ema_decay_at", "ema_init_weight"]
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool = False) -> float:
@@ -30,6 +31,26 @@ def ema_decay_at(step: int, decay: float, warmup: bool = False) -> float:
     if not warmup:
         return float(decay)
     return float(min(decay, (1.0 + step) / (10.0 + step)))
+
+
+def ema_init_weight(updates: int, decay: float, warmup: bool = False) -> float:
+    """The weight the average still gives the network's initial weights after ``updates`` updates.
+
+    Unrolling ``theta_ema <- d_s theta_ema + (1 - d_s) theta_s`` from ``theta_ema = theta_0`` gives
+    ``theta_0`` the weight ``prod_s d_s``: ``decay ** updates`` without warm-up (0.9999 ** 5000 = 0.61, so
+    after 5,000 steps at the paper's decay the average is still mostly the untrained network, whose samples
+    are noise), and a vanishing weight with the warm-up (the first decay is 0.1).
+    """
+    if isinstance(updates, bool) or int(updates) != updates or updates < 0:
+        raise ValueError(f"updates must be an int >= 0, got {updates!r}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must lie in [0, 1], got {decay}")
+    updates, decay = int(updates), float(decay)
+    if not warmup or updates == 0 or decay == 0.0:
+        return decay**updates
+    # the warm-up's (1 + s) / (10 + s) is below decay for s < s0, decay itself from then on
+    s0 = updates if decay == 1.0 else min(updates, max(0, math.ceil((10.0 * decay - 1.0) / (1.0 - decay))))
+    return math.exp(sum(math.log((1.0 + s) / (10.0 + s)) for s in range(s0))) * decay ** (updates - s0)
 
 
 class EMA:

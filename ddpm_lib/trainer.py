@@ -96,7 +96,7 @@ from torch import nn
 
 from .diffusion import GaussianDiffusion
 from .accel import bf16_native, make_optimizer
-from .ema import EMA
+from .ema import EMA, ema_init_weight
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -106,6 +106,8 @@ __all__ = [
     "Trainer",
     "train",
     "warmup_lr",
+    "young_ema_warning",
+    "YOUNG_EMA_WEIGHT",
     "diffusion_config",
     "diffusion_from_config",
     "save_checkpoint",
@@ -258,6 +260,26 @@ def warmup_lr(step: int, lr: float, warmup: int) -> float:
 
 # ---------------------------------------------------------------------------------------------- configs
 _SCHEDULE_NAMES = ("linear", "cosine", "quadratic", "sigmoid")
+
+
+#: :func:`load_checkpoint` and :meth:`Trainer.sample_grid` warn when the EMA weights still give the
+#: network's initial weights more than this share (:func:`ddpm_lib.ema.ema_init_weight`).
+YOUNG_EMA_WEIGHT = 0.1
+
+
+def young_ema_warning(updates: int, decay: float, warmup: bool) -> Optional[str]:
+    """A warning's text when an EMA after ``updates`` updates is still mostly the initial network, else None.
+
+    The paper's decay 0.9999 without warm-up keeps 61 % of the initial weights after 5,000 steps and 10 %
+    after 23,000: samples from such an average look like noise however well the raw weights sample.
+    """
+    share = ema_init_weight(updates, decay, warmup)
+    if share <= YOUNG_EMA_WEIGHT:
+        return None
+    return (f"the EMA weights still give {100 * share:.0f}% of their weight to the untrained initial network "
+            f"({updates:,} updates at decay {decay:g}, {'with' if warmup else 'without'} warm-up): samples "
+            f"from them may look like noise. Sample from the raw weights (load_checkpoint(..., weights='model')"
+            f", Trainer.model), or train with ema_warmup=True or a smaller ema_decay")
 
 
 def diffusion_config(diffusion: GaussianDiffusion) -> Dict[str, Any]:
@@ -529,6 +551,10 @@ def load_checkpoint(path: PathLike, map_location="cpu", expect: Optional[Mapping
 
     Raises:
         FileNotFoundError, CheckpointError (corrupt or non-checkpoint file, or a mismatch with ``expect``).
+
+    Warns:
+        RuntimeWarning when the EMA weights are asked for and still hold more than ``YOUNG_EMA_WEIGHT`` of
+        the initial network (a short run at the paper's decay; :func:`young_ema_warning`).
     """
     state = read_checkpoint(path, map_location="cpu")
     config = copy.deepcopy(state["config"])
@@ -540,6 +566,12 @@ def load_checkpoint(path: PathLike, map_location="cpu", expect: Optional[Mapping
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     if weights == "model" and "model" not in state:
         raise CheckpointError(f"{path} is an EMA-only export: it holds no raw model weights (use weights='ema')")
+    train_cfg = config.get("train") or {}
+    if weights == "ema" and "ema_decay" in train_cfg:
+        message = young_ema_warning(config["step"], float(train_cfg["ema_decay"]),
+                                    bool(train_cfg.get("ema_warmup", False)))
+        if message:
+            warnings.warn(f"{path}: {message}", RuntimeWarning, stacklevel=2)
     sd = state[weights]
     sd = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in sd.items()}
     if model is None:
@@ -1180,6 +1212,9 @@ class Trainer:
         y = None
         if self.num_classes:
             y = torch.arange(n, device=self.device) % self.num_classes
+        message = young_ema_warning(self.step, self.ema.decay, self.ema.warmup)
+        if message:
+            warnings.warn(f"samples at step {self.step:,}: {message}", RuntimeWarning, stacklevel=2)
         x = ddim_sample(self.ema.model, self.diffusion, shape, steps=steps, eta=0.0, generator=g, y=y,
                         progress=False, device=self.device)
         nrow = max(1, int(math.ceil(math.sqrt(n))))

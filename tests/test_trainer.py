@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddpm_lib import GaussianDiffusion, UNet, load_dataset
-from ddpm_lib.ema import EMA, ema_decay_at
+from ddpm_lib.ema import EMA, ema_decay_at, ema_init_weight
 from ddpm_lib.trainer import (
     CheckpointError,
     NonFiniteLossError,
@@ -21,6 +21,7 @@ from ddpm_lib.trainer import (
     load_checkpoint,
     read_checkpoint,
     warmup_lr,
+    young_ema_warning,
 )
 
 STEPS = 6
@@ -117,6 +118,37 @@ def test_ema_math():
     for k, v in net.state_dict().items():
         torch.testing.assert_close(ema.state_dict()[k], 0.9 * old[k] + 0.1 * v)
     assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_ema_init_weight_and_the_young_ema_warning(digits, tmp_path):
+    """The share of the initial weights in the average is the product of the decays: measured on a weight that
+    is 1 at the start and 0 after it. load_checkpoint and sample_grid warn while that share is over 10 %."""
+    for decay, warmup in [(0.9, False), (0.9, True), (0.99, True), (1.0, False)]:
+        net = torch.nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            net.weight.fill_(1.0)
+        ema = EMA(net, decay=decay, warmup=warmup)
+        with torch.no_grad():
+            net.weight.fill_(0.0)
+        for step in range(40):
+            ema.update(net, step)
+        assert ema.model.weight.item() == pytest.approx(ema_init_weight(40, decay, warmup), rel=1e-4), (decay, warmup)
+    assert ema_init_weight(5000, 0.9999) == pytest.approx(0.6065, abs=1e-4)
+    assert ema_init_weight(23000, 0.9999) > 0.1 > ema_init_weight(23100, 0.9999)
+    assert ema_init_weight(0, 0.9999, warmup=True) == 1.0 and ema_init_weight(1, 0.9999, warmup=True) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="updates must be an int"):
+        ema_init_weight(-1, 0.9)
+    assert "61%" in young_ema_warning(5000, 0.9999, False)
+    assert young_ema_warning(5000, 0.9999, True) is None and young_ema_warning(30000, 0.9999, False) is None
+    tr = _trainer(digits, tmp_path, ema_decay=0.9999, ema_warmup=False)
+    tr.train(steps=2)
+    with pytest.warns(RuntimeWarning, match=r"still give 100% of their weight .*2 updates at decay 0.9999, without"):
+        load_checkpoint(tmp_path / "last.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(tmp_path / "last.pt", weights="model")  # the raw weights: no warning
+    with pytest.warns(RuntimeWarning, match="samples at step 2: the EMA weights still give"):
+        tr.sample_grid(tmp_path / "grid.png", n=2, steps=2)
 
 
 def test_grad_clipping_happens(digits):
