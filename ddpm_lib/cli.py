@@ -511,7 +511,8 @@ def _cmd_bpd(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- info
 def _cmd_info(args) -> int:
-    from .trainer import load_checkpoint, read_checkpoint
+    from .ema import ema_init_weight
+    from .trainer import YOUNG_EMA_WEIGHT, load_checkpoint, read_checkpoint
 
     state = read_checkpoint(args.ckpt)
     model, diffusion, config = load_checkpoint(args.ckpt)
@@ -531,6 +532,11 @@ def _cmd_info(args) -> int:
     _say(f"diffusion: {json.dumps(dcfg)}" + (f" (betas {betas[0]:.3g}..{betas[-1]:.3g})" if betas else ""))
     _say(f"data: {json.dumps(shown.get('data'))}")
     _say(f"train: {json.dumps(shown.get('train'))}")
+    train_cfg = shown.get("train") or {}
+    if "ema_decay" in train_cfg:
+        share = ema_init_weight(int(state["step"]), float(train_cfg["ema_decay"]), bool(train_cfg.get("ema_warmup")))
+        _say(f"EMA: {100 * share:.3g}% of its weight is still on the initial network"
+             + (" (samples from it may look like noise)" if share > YOUNG_EMA_WEIGHT else ""))
     hist = state.get("history") or []
     if hist:
         _say(f"last logged loss: {hist[-1][1]:.4f} at step {hist[-1][0]}")

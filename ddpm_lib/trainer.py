@@ -274,12 +274,13 @@ def young_ema_warning(updates: int, decay: float, warmup: bool) -> Optional[str]
     after 23,000: samples from such an average look like noise however well the raw weights sample.
     """
     share = ema_init_weight(updates, decay, warmup)
-    if share <= YOUNG_EMA_WEIGHT:
+    if share <= YOUNG_EMA_WEIGHT * (1 + 1e-9):  # not for rounding: one warm-up update leaves exactly 0.1
         return None
+    fix = "train longer or with a smaller ema_decay" if warmup else "train with ema_warmup=True or a smaller ema_decay"
     return (f"the EMA weights still give {100 * share:.0f}% of their weight to the untrained initial network "
-            f"({updates:,} updates at decay {decay:g}, {'with' if warmup else 'without'} warm-up): samples "
-            f"from them may look like noise. Sample from the raw weights (load_checkpoint(..., weights='model')"
-            f", Trainer.model), or train with ema_warmup=True or a smaller ema_decay")
+            f"({updates:,} update{'' if updates == 1 else 's'} at decay {decay:g}, {'with' if warmup else 'without'}"
+            f" warm-up): samples from them may look like noise. Sample from the raw weights "
+            f"(load_checkpoint(..., weights='model'), Trainer.model), or {fix}")
 
 
 def diffusion_config(diffusion: GaussianDiffusion) -> Dict[str, Any]:
@@ -1214,7 +1215,7 @@ class Trainer:
             y = torch.arange(n, device=self.device) % self.num_classes
         message = young_ema_warning(self.step, self.ema.decay, self.ema.warmup)
         if message:
-            warnings.warn(f"samples at step {self.step:,}: {message}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"samples at step {self.step:,}: {message}", RuntimeWarning, stacklevel=3)
         x = ddim_sample(self.ema.model, self.diffusion, shape, steps=steps, eta=0.0, generator=g, y=y,
                         progress=False, device=self.device)
         nrow = max(1, int(math.ceil(math.sqrt(n))))

@@ -64,6 +64,8 @@ def test_bpd_and_info(run, capsys):
     assert main(["info", "--ckpt", str(run / "last.pt")]) == 0
     out = capsys.readouterr().out
     assert "step: 4" in out and "parameters: " in out and "preset=tiny" in out
+    # four updates at the paper's decay 0.9999 without warm-up: 0.9999 ** 4 of the average is the initial network
+    assert "EMA: 100% of its weight is still on the initial network (samples from it may look like noise)" in out
 
 
 def test_resume_continues(run, tmp_path, capsys):

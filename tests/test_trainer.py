@@ -138,7 +138,9 @@ def test_ema_init_weight_and_the_young_ema_warning(digits, tmp_path):
     assert ema_init_weight(0, 0.9999, warmup=True) == 1.0 and ema_init_weight(1, 0.9999, warmup=True) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="updates must be an int"):
         ema_init_weight(-1, 0.9)
-    assert "61%" in young_ema_warning(5000, 0.9999, False)
+    assert "61%" in young_ema_warning(5000, 0.9999, False) and "ema_warmup=True" in young_ema_warning(9, 0.9, False)
+    assert young_ema_warning(1, 0.9, True) is None  # exactly 10 % left: not over
+    assert "1 update at" in young_ema_warning(1, 0.95, False)
     assert young_ema_warning(5000, 0.9999, True) is None and young_ema_warning(30000, 0.9999, False) is None
     tr = _trainer(digits, tmp_path, ema_decay=0.9999, ema_warmup=False)
     tr.train(steps=2)
