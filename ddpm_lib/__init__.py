@@ -34,7 +34,7 @@ from .samplers import ddim_invert, ddim_sample, ddim_timesteps, ddpm_sample
 from .schedules import make_beta_schedule
 from .toy import ToyMLP
 from .unet import UNet
-from .ema import EMA
+from .ema import EMA, ema_decay_at, ema_init_weight
 from .metrics import BPDResult, FDResult, FIDUnavailableError, bits_per_dim, fd_fashion, fid
 from .trainer import (
     CheckpointError,
@@ -70,7 +70,8 @@ __all__ = [
     "load_dataset", "load_digits", "make_loader", "random_hflip", "save_image_grid", "to_uint8",
     "toy_data", "toy_mixture",
     # training, checkpoints and metrics
-    "EMA", "TrainConfig", "Trainer", "train", "CheckpointError", "NonFiniteLossError", "TrainingOutOfMemoryError",
+    "EMA", "ema_decay_at", "ema_init_weight", "TrainConfig", "Trainer", "train", "CheckpointError",
+    "NonFiniteLossError", "TrainingOutOfMemoryError",
     "export_checkpoint", "load_checkpoint", "load_pretrained", "pretrained_path",
     "BPDResult", "FDResult", "FIDUnavailableError", "bits_per_dim", "fd_fashion", "fid",
     "energy_distance", "frechet_distance", "mmd_rbf",

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "flags are ignored (with a warning).")
     t.add_argument("--out", required=True, help="output folder (checkpoints, grids, loss history)")
     new = _NEW_RUN_DEFAULTS  # shown as [value]; the parser's default None tells a flag given from one left out
-    t.add_argument("--preset", default=None, choices=UNet.presets(), help=f"U-Net preset [{new['preset']}]")
+    t.add_argument("--preset", default=None, choices=UNet.presets(),
+                   help=f"U-Net preset [{new['preset']}; cifar10 (the paper's network) for --dataset cifar10]")
     t.add_argument("--dataset", default=None, choices=["fashion_mnist", "mnist", "cifar10", "digits"],
                    help=f"training data (digits: scikit-learn's 8x8 digits, always offline) [{new['dataset']}]")
     t.add_argument("--data-root", default=None, help="torchvision data root (default $DDPM_DATA_DIR or ~/.cache/ddpm_lib)")
@@ -129,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train until this many optimizer steps in total (default 800000 without --minutes, "
                         "the paper's CIFAR-10 length)")
     g.add_argument("--minutes", type=float, default=None, help="wall-clock budget for this run, in minutes")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run even where OUT/last.pt holds one (without --resume or this, that is an "
+                        "error, so that a forgotten --resume does not replace a run)")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="resume from PATH, or from OUT/last.pt when given without a path (starting fresh if "
                         "there is none); model, diffusion and data come from the checkpoint")
@@ -144,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--cond-drop-prob", type=float, default=None,
                    help="label dropout probability for classifier-free guidance [0]")
     o.add_argument("--hflip", type=_on_off, default=None, metavar="on|off",
-                   help="random horizontal flips (the paper's CIFAR-10 augmentation) [off]")
-    o.add_argument("--seed", type=int, default=None, help="random seed [0]")
+                   help="random horizontal flips (the paper's CIFAR-10 augmentation) [on for --dataset cifar10, "
+                        "else off]")
+    o.add_argument("--seed", type=int, default=None,
+                   help="random seed of the initial weights and of the training [0]")
     d = t.add_argument_group("diffusion (paper defaults)")
     d.add_argument("--schedule", default=None, choices=["linear", "cosine", "quadratic", "sigmoid"],
                    help=f"beta schedule [{new['schedule']}]")
@@ -186,13 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- sample
     s = sub.add_parser("sample", formatter_class=fmt, help="draw samples from a checkpoint",
-                       description="Sample from a checkpoint's EMA weights. --out ending in .png writes a grid; "
+                       description="Sample from a checkpoint (its EMA weights unless --weights model). --out ending in .png writes a grid; "
                                    "ending in .npz writes the raw samples as uint8 (N, H, W, C) under 'arr_0' "
                                    "(np.savez(path, samples[, labels]) as openai/guided-diffusion; labels under "
                                    "'arr_1' for conditional models).")
     s.add_argument("--ckpt", required=True, help="checkpoint (last.pt or an EMA-only export)")
     s.add_argument("--out", default="samples.png", help="output .png (grid) or .npz (raw uint8 samples)")
     s.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="DDPM (Algorithm 2, T steps) or DDIM")
+    s.add_argument("--weights", default="ema", choices=["ema", "model"],
+                   help="the EMA weights (the paper's) or the raw ones (full checkpoints; for short runs, whose "
+                        "EMA is still mostly the initial network)")
     s.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (DDPM always takes T)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; not with --sampler ddpm)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples")
@@ -315,6 +325,13 @@ def _cmd_train(args) -> int:
         elif not resume_path.exists():
             raise FileNotFoundError(f"--resume: checkpoint not found: {resume_path}")
 
+    if resume_path is None and not args.overwrite and (out / "last.pt").exists():
+        try:
+            at = f" at step {read_checkpoint(out / 'last.pt')['step']}"
+        except Exception:  # a damaged file is still not to be replaced silently
+            at = ""
+        raise FileExistsError(f"{out / 'last.pt'} holds a run{at}: pass --resume to continue it, "
+                              f"--overwrite to start a new one there, or another --out")
     if resume_path is not None:
         given = [f"--{k.replace('_', '-')}" for k in _FROM_CHECKPOINT if getattr(args, k) is not None]
         given += ["--conditional"] if args.conditional else []
@@ -328,9 +345,16 @@ def _cmd_train(args) -> int:
         trainer = Trainer.from_checkpoint(resume_path, data, device=device, out_dir=out, **explicit)
         _say(f"resumed {resume_path} at step {trainer.step}")
     else:
+        if args.dataset == "cifar10":  # the paper's CIFAR-10 setting: its network and random flips
+            if args.preset is None:
+                args.preset = "cifar10"
+            explicit.setdefault("hflip", True)
         for k, v in _NEW_RUN_DEFAULTS.items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
+        if args.var_type == "learned_range" and args.loss_type == "simple":
+            raise ValueError("--var-type learned_range needs --loss-type hybrid (or vlb): L_simple sends no "
+                             "gradient to the variance output, which sampling would then use untrained")
         pad_to = args.pad_to
         if pad_to is None and args.size is None and args.dataset in ("fashion_mnist", "mnist"):
             pad_to = 32
@@ -346,6 +370,7 @@ def _cmd_train(args) -> int:
             overrides["num_classes"] = data.num_classes
         if args.var_type == "learned_range":
             overrides["learn_sigma"] = True
+        torch.manual_seed(explicit.get("seed", TrainConfig.seed))  # the initial weights, as the Trainer's draws
         model = UNet.from_preset(args.preset, **overrides)
         diffusion = GaussianDiffusion(args.schedule, args.mean_type, args.var_type, args.loss_type,
                                       num_timesteps=args.T)
@@ -413,7 +438,7 @@ def _cmd_sample(args) -> int:
     if out.suffix.lower() not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png or .npz, got {out}")
     device = _device(args.device)
-    model, diffusion, config = load_checkpoint(args.ckpt, map_location=device)
+    model, diffusion, config = load_checkpoint(args.ckpt, map_location=device, weights=args.weights)
     shape = (config.get("data") or {}).get("shape")
     mc = (config.get("model") or {}).get("config") or {}
     if shape is None:
@@ -506,6 +531,10 @@ def _cmd_bpd(args) -> int:
     _say(f"  prior L_T    {res.prior:9.5f} ± {res.prior_se:.5f}")
     _say(f"  step KLs     {res.kl:9.4f} ± {res.kl_se:.4f}   (sum of L_1 .. L_{{T-1}})")
     _say(f"  decoder L_0  {res.decoder:9.4f} ± {res.decoder_se:.4f}")
+    if data_cfg.get("pad_to"):
+        side = data_cfg.get("original_size") or "smaller"
+        _say(f"  (per dimension of the {data_cfg['pad_to']}x{data_cfg['pad_to']} padded images, the black border "
+             f"included: not comparable with bits/dim of the {side}x{side} images)")
     return 0
 
 
@@ -515,7 +544,9 @@ def _cmd_info(args) -> int:
     from .trainer import YOUNG_EMA_WEIGHT, load_checkpoint, read_checkpoint
 
     state = read_checkpoint(args.ckpt)
-    model, diffusion, config = load_checkpoint(args.ckpt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the young-EMA warning: the EMA line below says it
+        model, diffusion, config = load_checkpoint(args.ckpt)
     n_params = sum(p.numel() for p in model.parameters())
     if args.json:
         print(json.dumps(config, indent=1))
@@ -551,6 +582,10 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(msg.split())
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (0 success, 1 error, 2 bad usage, 130 interrupted)."""
     from .data import DatasetUnavailableError
@@ -559,6 +594,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _format_warning  # "warning: ..." on one line, not the source line that raised it
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -568,3 +605,5 @@ def main(argv: Optional[List[str]] = None) -> int:
             FIDUnavailableError, ValueError, OSError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = formatwarning

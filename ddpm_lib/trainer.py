@@ -210,12 +210,12 @@ class TrainConfig:
         pos_int("sample_steps")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr >= 0):
-            raise ValueError(f"lr must be a number >= 0, got {self.lr!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1], got {self.ema_decay!r}")
+        if not 0.0 <= self.ema_decay < 1.0:  # 1 would keep the initial weights for ever
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
         if self.fp16 is True and (self.bf16 is True or self.cuda_graph is True):
             raise ValueError(f"fp16=True (float16 autocast with loss scaling) excludes "
                              f"{'bf16=True' if self.bf16 is True else 'cuda_graph=True'}: choose one")
@@ -280,7 +280,7 @@ def young_ema_warning(updates: int, decay: float, warmup: bool) -> Optional[str]
     return (f"the EMA weights still give {100 * share:.0f}% of their weight to the untrained initial network "
             f"({updates:,} update{'' if updates == 1 else 's'} at decay {decay:g}, {'with' if warmup else 'without'}"
             f" warm-up): samples from them may look like noise. Sample from the raw weights "
-            f"(load_checkpoint(..., weights='model'), Trainer.model), or {fix}")
+            f"(load_checkpoint(..., weights='model'), Trainer.model, sample --weights model), or {fix}")
 
 
 def diffusion_config(diffusion: GaussianDiffusion) -> Dict[str, Any]:
@@ -491,6 +491,15 @@ def _jsonable(v):
     return json.loads(json.dumps(v)) if v is not _MISSING else v
 
 
+def _short(v, limit: int = 8) -> str:
+    """repr of a config value, with long lists (a schedule's betas) cut to their length and ends."""
+    if isinstance(v, (list, tuple)) and len(v) > limit:
+        return f"[{v[0]!r}, {v[1]!r}, ..., {v[-1]!r}] ({len(v)} values)"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k!r}: {_short(x, limit)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
 def check_config(config: Mapping[str, Any], expect: Mapping[str, Any], path: Any = "checkpoint") -> None:
     """Raise :class:`CheckpointError` naming every key of ``expect`` that ``config`` does not match.
 
@@ -507,7 +516,7 @@ def check_config(config: Mapping[str, Any], expect: Mapping[str, Any], path: Any
         if isinstance(want, (tuple, list)):
             want = list(want)
         if _jsonable(have) != _jsonable(want):
-            problems.append(f"{label}: checkpoint has {have!r}, expected {want!r}")
+            problems.append(f"{label}: checkpoint has {_short(have)}, expected {_short(want)}")
 
     for key, want in expect.items():
         if key == "model_config":
@@ -678,6 +687,9 @@ class Trainer:
         self._scale = self.scaler.get_scale() if self.scaler is not None else 1.0
         self.skipped_steps = 0
         self.use_channels_last = _resolve_auto(config.channels_last, cuda)
+        if diffusion.var_type.value == "learned_range" and diffusion.loss_type.value == "simple":
+            raise ValueError("var_type='learned_range' needs loss_type='hybrid' (or 'vlb'): L_simple sends no "
+                             "gradient to the variance output, which sampling would then use untrained")
         self.diffusion = diffusion
         self.out_dir = None if out_dir is None else Path(out_dir).expanduser()
         self.preset = preset
@@ -783,6 +795,9 @@ class Trainer:
                 raise ValueError(f"data: {images.shape[0]} images but {labels.shape[0]} labels")
             if config.hflip and images.ndim != 4:
                 raise ValueError("hflip needs images of shape (N, C, H, W)")
+            bad = int((~torch.isfinite(images)).sum())
+            if bad:
+                raise ValueError(f"data: {bad:,} image values are NaN or infinite (the loss would be NaN at once)")
         if self.num_classes and labels is None and self._iterable is None:
             raise ValueError("the model is class-conditional (num_classes) but the data have no labels")
         self.data_info = _infer_data_info(images, name, labels, data_info)
@@ -979,10 +994,16 @@ class Trainer:
             where = (f"the last good checkpoint {self.last_checkpoint} is left as it was"
                      if self.last_checkpoint is not None else "no checkpoint was written")
             self._write_history()
+            tries = [f"a lower learning rate (lr={self.cfg.lr:g})"]
+            if self.cfg.grad_clip is None:
+                tries.append("gradient clipping (grad_clip=1.0)")
+            if self.use_bf16 or self.use_fp16:
+                tries.append(f"{'fp16' if self.use_fp16 else 'bf16'}=False")
+            if self._iterable is not None:
+                tries.append("checking the batches for NaN or inf")
             raise NonFiniteLossError(
                 f"the loss (or gradient) became non-finite at step {bad}; training stopped and {where}. "
-                f"Try a lower learning rate (lr={self.cfg.lr:g}), gradient clipping, or "
-                f"{'fp16' if self.use_fp16 else 'bf16'}=False.",
+                f"Try {' or '.join(tries)}.",
                 step=bad, checkpoint=self.last_checkpoint)
 
     def _check_weights(self) -> None:

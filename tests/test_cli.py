@@ -81,6 +81,55 @@ def test_resume_continues(run, tmp_path, capsys):
     assert cfg["step"] == 6 and diffusion.num_timesteps == 30 and cfg["train"]["batch_size"] == 8
 
 
+def test_a_new_run_does_not_replace_an_old_one_and_seeds_its_weights(run, tmp_path, capsys):
+    """Without --resume or --overwrite, an OUT that holds a run is refused (a forgotten --resume lost runs);
+    --seed fixes the initial weights too (the model was built before the Trainer seeded torch)."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(run, out)
+    assert main(["train", *TINY, "--steps", "1", "--out", str(out)]) == 1
+    assert "holds a run at step 4: pass --resume to continue it, --overwrite" in _err_line(capsys)
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["step"] == 4  # left as it was
+    states = []
+    for name in ("a", "b"):
+        args = ["train", *TINY, "--steps", "1", "--sample-every", "0", "--seed", "5", "--out", str(tmp_path / name)]
+        assert main(args) == 0
+        states.append(torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=False)["model"])
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    assert main(["train", *TINY, "--steps", "1", "--sample-every", "0", "--seed", "6", "--overwrite",
+                 "--out", str(tmp_path / "a")]) == 0
+    other = torch.load(tmp_path / "a" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    assert not torch.equal(other["conv_in.weight"], states[1]["conv_in.weight"])
+
+
+def test_settings_that_cannot_train_are_refused(tmp_path, capsys):
+    for flags, words in [(["--var-type", "learned_range"], "--var-type learned_range needs --loss-type hybrid"),
+                         (["--lr", "0"], "lr must be a number > 0"),
+                         (["--ema-decay", "1"], "ema_decay must lie in [0, 1)")]:
+        assert main(["train", *TINY, *flags, "--steps", "1", "--out", str(tmp_path / "x")]) == 1
+        assert words in _err_line(capsys)
+    assert not (tmp_path / "x" / "last.pt").exists()
+
+
+def test_sample_from_the_raw_weights(run, tmp_path, capsys):
+    out = tmp_path / "raw.npz"
+    with pytest.warns(RuntimeWarning, match="EMA weights still give"):  # four updates at decay 0.9999
+        assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "2", "--steps", "2", "--out",
+                     str(tmp_path / "ema.npz"), "--no-progress"]) == 0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["sample", "--ckpt", str(run / "last.pt"), "--weights", "model", "--n", "2", "--steps", "2",
+                     "--out", str(out), "--no-progress"]) == 0
+    assert np.load(out)["arr_0"].shape == (2, 8, 8, 1)
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--ckpt", str(run / "last.pt"), "--weights", "raw", "--out", str(out)])
+    assert e.value.code == 2
+
+
 def test_fp16_flag_reaches_the_trainer(tmp_path, capsys):
     out = tmp_path / "fp16"
     assert main(["train", *TINY, "--fp16", "on", "--steps", "2", "--sample-every", "0", "--out", str(out)]) == 0

@@ -435,6 +435,10 @@ def test_config_mismatch_names_keys(digits, tmp_path):
     assert "T: checkpoint has 100, expected 50" in str(e.value) and "in_channels" not in str(e.value)
     with pytest.raises(ValueError, match="unknown key"):
         load_checkpoint(path, expect={"colour": "red"})
+    # another schedule: named with the betas' ends and count, not 100 numbers
+    with pytest.raises(CheckpointError, match=r"\(100 values\), expected \[.*\(50 values\)") as e:
+        load_checkpoint(path, expect={"diffusion": GaussianDiffusion("linear", num_timesteps=50)})
+    assert len(str(e.value)) < 1500, len(str(e.value))
     # resuming into a different network is refused, naming the key
     t3 = Trainer(other, _diffusion(), digits, out_dir=tmp_path, **OPTS)
     with pytest.raises(CheckpointError, match="model.config.ch"):
@@ -468,6 +472,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(digits, reference, tmp_pa
     with pytest.raises(NonFiniteLossError, match="non-finite at step 5") as e:
         tr.train(steps=STEPS)
     assert e.value.step == 5
+    # the advice fits the run: float32 on the CPU with clipping on, so neither bf16=False nor clipping is offered
+    assert "Try a lower learning rate (lr=0.0002)." in str(e.value), str(e.value)
     state = read_checkpoint(tmp_path / "last.pt")
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -514,6 +520,24 @@ def test_out_of_memory_says_what_to_change_and_lets_go(digits, tmp_path):
     handle.remove()
     tr.train(steps=STEPS)  # the same trainer goes on
     assert tr.step == STEPS
+
+
+def test_settings_that_cannot_train_are_refused(digits):
+    with pytest.raises(ValueError, match="learned_range' needs loss_type='hybrid'"):
+        Trainer(_model(), GaussianDiffusion("linear", num_timesteps=100, var_type="learned_range"), digits.images,
+                **{**OPTS, "cond_drop_prob": 0.0})
+    with pytest.raises(ValueError, match=r"lr must be a number > 0"):
+        TrainConfig(lr=0.0)
+    with pytest.raises(ValueError, match=r"ema_decay must lie in \[0, 1\)"):
+        TrainConfig(ema_decay=1.0)
+
+
+def test_data_with_nan_are_refused_up_front(digits):
+    images = digits.images.clone()
+    images[3, 0, 2, 2] = float("nan")
+    images[5, 0, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match="data: 2 image values are NaN or infinite"):
+        Trainer(_model(), _diffusion(), images, **{**OPTS, "cond_drop_prob": 0.0})
 
 
 def test_infinite_lr_never_saves_bad_weights(digits, tmp_path):
