@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sample-steps", type=_positive_int, default=None, help="DDIM steps for the sample grids [50]")
     e.add_argument("--export", default=None, metavar="PATH",
                    help="also write an EMA-only float16 checkpoint to PATH at the end")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: print the mean loss every --log-every steps instead")
     h = t.add_argument_group("hardware")
     h.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
     h.add_argument("--bf16", type=_auto_bool, default=None, metavar="on|off|auto",
@@ -203,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", default="ema", choices=["ema", "model"],
                    help="the EMA weights (the paper's) or the raw ones (full checkpoints; for short runs, whose "
                         "EMA is still mostly the initial network)")
-    s.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (DDPM always takes T)")
+    s.add_argument("--steps", type=_positive_int, default=None,
+                   help="DDIM steps [50] (not with --sampler ddpm, which takes all T steps)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; not with --sampler ddpm)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples")
     s.add_argument("--batch-size", type=_positive_int, default=256, help="samples per batch")
@@ -385,9 +387,7 @@ def _cmd_train(args) -> int:
     steps = args.steps
     if steps is None and args.minutes is None:
         steps = 800_000
-    if steps is not None and trainer.step >= steps:
-        _say(f"the run is already at step {trainer.step}, at or past --steps {steps} (the total, not a number to "
-             f"add): nothing to train")
+    nothing = steps is not None and trainer.step >= steps
     n_params = sum(p.numel() for p in trainer.model.parameters())
     c = trainer.cfg
     _say(f"training {trainer.preset or 'model'} ({n_params:,} parameters) on {trainer.data_info.get('name')} "
@@ -398,6 +398,13 @@ def _cmd_train(args) -> int:
          f"CUDA graph {trainer.use_cuda_graph}; "
          f"until step {steps if steps is not None else '-'}"
          f"{f' or {args.minutes:g} min' if args.minutes else ''}")
+    if nothing:
+        _say(f"the run is already at step {trainer.step}, at or past --steps {steps} (the total, not a number to "
+             f"add): nothing to train, nothing written")
+        return 0
+    if args.no_progress:  # no bar: the logged losses as lines, for logs of batch jobs
+        trainer.on_log = lambda r: _say(f"step {r['step']}: loss {r['loss']:.4f}, {r['images_per_s']:.0f} "
+                                        f"images/s, lr {r['lr']:.2e}")
     try:
         trainer.train(steps=steps, minutes=args.minutes)
     except KeyboardInterrupt:
@@ -450,6 +457,10 @@ def _cmd_sample(args) -> int:
         raise ValueError(f"--class-label must lie in 0..{num_classes - 1}, got {args.class_label}")
     if args.sampler == "ddpm" and args.eta != 0:
         raise ValueError("--eta is DDIM's; --sampler ddpm always samples with the checkpoint's variance")
+    if args.sampler == "ddpm" and args.steps is not None:
+        raise ValueError("--steps is DDIM's; --sampler ddpm (Algorithm 2) takes all T steps")
+    if args.steps is None:
+        args.steps = 50
     if args.fd and (config.get("data") or {}).get("name") != "fashion_mnist":
         raise ValueError("--fd needs a Fashion-MNIST checkpoint")
     if args.sampler == "ddim" and args.steps > diffusion.num_timesteps:

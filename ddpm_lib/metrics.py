@@ -262,7 +262,8 @@ def fid(samples, reference, *, device=None, batch_size: int = 100) -> float:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as exc:
         raise FIDUnavailableError(
-            f"FID needs torchmetrics with torch-fidelity (pip install 'ddpm_lib[fid]'): {exc}. "
+            f"FID needs torchmetrics with torch-fidelity (pip install torchmetrics torch-fidelity, ddpm_lib's "
+            f"'fid' extra): {exc}. "
             + _OFFLINE_ALTERNATIVE) from exc
     if not _inception_cached():
         from .data import _probe

@@ -128,7 +128,8 @@ def make_beta_schedule(name: str, num_timesteps: int = 1000, **options) -> torch
     if key != "cosine" and "beta_end" not in options and (betas >= 1).any():
         raise ValueError(
             f"the {name} schedule scales its default ends by 1000/T, which gives betas >= 1 for "
-            f"num_timesteps={T}; pass beta_start and beta_end explicitly for T this small"
+            f"num_timesteps={T}; for T this small pass beta_start and beta_end explicitly, or use the cosine "
+            f"schedule (on the command line: --schedule cosine, or a larger --T)"
         )
     return _validate_betas(betas, name=f"{name} schedule betas")
 

@@ -1379,6 +1379,8 @@ class Trainer:
             path = self.out_dir / "last.pt"
         state = read_checkpoint(path, map_location="cpu")
         self.load_state_dict(state, path)
+        if self.preset is None:  # the same network (checked above): keep its name in the next checkpoints
+            self.preset = ((state.get("config") or {}).get("model") or {}).get("preset")
         return self
 
     @classmethod

@@ -128,6 +128,9 @@ def test_sample_from_the_raw_weights(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["sample", "--ckpt", str(run / "last.pt"), "--weights", "raw", "--out", str(out)])
     assert e.value.code == 2
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(run / "last.pt"), "--sampler", "ddpm", "--steps", "10", "--out", str(out)]) == 1
+    assert "--steps is DDIM's; --sampler ddpm (Algorithm 2) takes all T steps" in _err_line(capsys)
 
 
 def test_fp16_flag_reaches_the_trainer(tmp_path, capsys):
@@ -188,8 +191,44 @@ def test_resume_says_which_flags_it_ignores(run, tmp_path, capsys):
 
     _, diffusion, cfg = load_checkpoint(out / "last.pt")
     assert diffusion.num_timesteps == 30 and cfg["train"]["lr"] == 1e-3  # training options do apply
+    before = (out / "last.pt").stat().st_mtime_ns
     assert main(["train", "--out", str(out), "--resume", "--steps", "2", "--no-progress"]) == 0
-    assert "already at step 5, at or past --steps 2" in capsys.readouterr().out
+    assert "already at step 5, at or past --steps 2 (the total, not a number to add): nothing to train, nothing " \
+           "written" in capsys.readouterr().out
+    assert (out / "last.pt").stat().st_mtime_ns == before
+
+
+def test_cifar10_takes_the_papers_network_and_flips(tmp_path, monkeypatch, capsys):
+    """--dataset cifar10 without --preset: the paper's 35.7M network and random flips (the data stubbed: the
+    real set needs a download); --steps 0 builds everything and trains nothing."""
+    from ddpm_lib import cli
+    from ddpm_lib.data import CIFAR10_CLASSES, ImageData
+
+    import ddpm_lib.trainer as trainer_module
+
+    fake = ImageData(torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64), CIFAR10_CLASSES, "cifar10")
+    monkeypatch.setattr(cli, "_load_data", lambda *a, **k: fake)
+    flips = []
+
+    class Recording(trainer_module.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            flips.append(self.cfg.hflip)
+
+    monkeypatch.setattr(trainer_module, "Trainer", Recording)
+    base = ["train", "--dataset", "cifar10", "--steps", "0", "--batch-size", "4", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "training cifar10 (35,746,307 parameters) on cifar10 [3, 32, 32]" in out and "nothing written" in out
+    assert not (tmp_path / "a" / "last.pt").exists()
+    assert main([*base, "--hflip", "off", "--preset", "fashion-small", "--out", str(tmp_path / "b")]) == 0
+    assert "training fashion-small" in capsys.readouterr().out and flips == [True, False]  # what is given is kept
+
+
+def test_no_progress_prints_the_logged_losses(tmp_path, capsys):
+    assert main(["train", *TINY, "--steps", "4", "--sample-every", "0", "--out", str(tmp_path / "r")]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
+    assert [l.split(":")[0] for l in lines] == ["step 2", "step 4"] and "images/s, lr" in lines[0], lines
 
 
 def test_sample_seed_and_early_errors(run, tmp_path, capsys):

@@ -133,7 +133,7 @@ def test_fid_unavailable_without_torchmetrics(monkeypatch):
     with pytest.raises(FIDUnavailableError) as e:
         fid(x, x)
     msg = str(e.value)
-    assert "torchmetrics" in msg and "ddpm_lib[fid]" in msg and "fd_fashion" in msg
+    assert "pip install torchmetrics torch-fidelity" in msg and "fd_fashion" in msg
     assert "FD (Fashion-MNIST classifier)" in msg
 
 
