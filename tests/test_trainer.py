@@ -445,6 +445,14 @@ def test_config_mismatch_names_keys(digits, tmp_path):
         t3.resume()
 
 
+def test_resume_keeps_the_checkpoints_preset(digits, tmp_path):
+    tr = _trainer(digits, tmp_path, preset="tiny")
+    tr.train(steps=1)
+    again = _trainer(digits, tmp_path).resume()  # built without a preset name: the checkpoint's is kept
+    again.train(steps=2)
+    assert again.preset == "tiny" and read_checkpoint(tmp_path / "last.pt")["config"]["model"]["preset"] == "tiny"
+
+
 def test_export_ema_only_fp16(digits, tmp_path):
     tr = _trainer(digits, tmp_path)
     tr.train(steps=2)
