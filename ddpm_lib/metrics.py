@@ -484,7 +484,10 @@ class FDResult:
 
     ``fd``: samples versus ``n`` real test images; ``baseline``: another ``n`` real images versus the
     same ``n`` (what a perfect model would score at this sample size: the distance is biased upwards
-    for small ``n``). ``classifier_accuracy``: the classifier's test accuracy. Not FID.
+    for small ``n``). ``baseline_sd``: the standard deviation of that baseline over ``baseline_draws``
+    disjoint sets of ``n`` real images (NaN for one set): how much an FD moves between sample sets of
+    this size, so differences of that order between two models mean little. ``classifier_accuracy``:
+    the classifier's test accuracy. Not FID.
     """
 
     fd: float
@@ -493,17 +496,22 @@ class FDResult:
     classifier_accuracy: float
     baseline_source: str
     name: str = FD_NAME
+    baseline_sd: float = float("nan")
+    baseline_draws: int = 1
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        return (f"{self.name}: {self.fd:.3f} for {self.n} samples; real-vs-real baseline {self.baseline:.3f} "
-                f"({self.baseline_source}); classifier test accuracy {100 * self.classifier_accuracy:.1f}%")
+        spread = (f" (sd {self.baseline_sd:.3f} over {self.baseline_draws} disjoint sets)"
+                  if self.baseline_draws > 1 else "")
+        return (f"{self.name}: {self.fd:.3f} for {self.n} samples; real-vs-real baseline {self.baseline:.3f}"
+                f"{spread} ({self.baseline_source}); classifier test accuracy {100 * self.classifier_accuracy:.1f}%")
 
 
 def fd_fashion(samples, reference=None, n: Optional[int] = None, *, device=None, seed: int = 0,
-               batch_size: int = 1000, cache: Optional[Union[str, os.PathLike]] = None) -> FDResult:
+               batch_size: int = 1000, cache: Optional[Union[str, os.PathLike]] = None,
+               baseline_draws: int = 5) -> FDResult:
     """The Fréchet distance "FD (Fashion-MNIST classifier)" of ``samples`` to real images, with its baseline.
 
     Features: the 128-d penultimate layer of :func:`fashion_classifier`; statistics
@@ -518,8 +526,10 @@ def fd_fashion(samples, reference=None, n: Optional[int] = None, *, device=None,
         reference: real images (same formats); default the Fashion-MNIST test split. Two disjoint sets
             of ``n`` are drawn from it (seeded): ``A`` for the distance and ``B`` for the baseline
             FD(B, A). When the test split holds fewer than ``2 n`` images, ``B`` comes from the
-            training split.
+            training split. Where the reference holds more, up to ``baseline_draws - 1`` further disjoint
+            sets ``B_2, ...`` give the baseline's standard deviation (``baseline`` stays FD(B, A)).
         n: how many samples to use (the first ``n``; default all, at least 2).
+        baseline_draws: at most this many disjoint sets for the baseline's spread (1: no spread).
 
     Returns:
         :class:`FDResult` (``print`` it for one line with both numbers).
@@ -531,7 +541,10 @@ def fd_fashion(samples, reference=None, n: Optional[int] = None, *, device=None,
     if n < 2 or n > x.shape[0]:
         raise ValueError(f"n must lie in 2..{x.shape[0]} (the number of samples), got {n}")
     x = x[:n]
+    if isinstance(baseline_draws, bool) or int(baseline_draws) != baseline_draws or baseline_draws < 1:
+        raise ValueError(f"baseline_draws must be an int >= 1, got {baseline_draws!r}")
     g = torch.Generator().manual_seed(seed)
+    extra = []  # further disjoint sets of n for the baseline's spread
     if reference is None:
         test = load_dataset("fashion_mnist", "test").images
         if n > test.shape[0]:
@@ -541,6 +554,7 @@ def fd_fashion(samples, reference=None, n: Optional[int] = None, *, device=None,
         a = test[perm[:n]]
         if 2 * n <= test.shape[0]:
             b, source = test[perm[n:2 * n]], f"two disjoint sets of {n} test images"
+            extra = [test[perm[j * n:(j + 1) * n]] for j in range(2, min(baseline_draws + 1, test.shape[0] // n))]
         else:
             train = load_dataset("fashion_mnist", "train").images
             b = train[torch.randperm(train.shape[0], generator=g)[:n]]
@@ -553,15 +567,20 @@ def fd_fashion(samples, reference=None, n: Optional[int] = None, *, device=None,
         perm = torch.randperm(ref.shape[0], generator=g)
         a, b = ref[perm[:n]], ref[perm[n:2 * n]]
         source = f"two disjoint sets of {n} reference images"
+        extra = [ref[perm[j * n:(j + 1) * n]] for j in range(2, min(baseline_draws + 1, ref.shape[0] // n))]
     net, info = fashion_classifier(device, cache=cache)
     fa = classifier_features(a, classifier=net, batch_size=batch_size)
     fb = classifier_features(b, classifier=net, batch_size=batch_size)
     fx = classifier_features(x, classifier=net, batch_size=batch_size)
     mu_a, s_a = gaussian_stats(fa)
+    baselines = [frechet_distance(*gaussian_stats(f), mu_a, s_a)
+                 for f in [fb] + [classifier_features(e, classifier=net, batch_size=batch_size) for e in extra]]
     return FDResult(
         fd=frechet_distance(*gaussian_stats(fx), mu_a, s_a),
-        baseline=frechet_distance(*gaussian_stats(fb), mu_a, s_a),
+        baseline=baselines[0],
         n=n,
         classifier_accuracy=float(info["test_accuracy"]),
         baseline_source=source,
+        baseline_sd=float(np.std(baselines, ddof=1)) if len(baselines) > 1 else float("nan"),
+        baseline_draws=len(baselines),
     )

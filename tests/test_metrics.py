@@ -1,5 +1,6 @@
 """Metrics: bits/dim, the FID-unavailable message, and the offline FD (Fashion-MNIST classifier)."""
 import builtins
+import math
 import os
 
 import numpy as np
@@ -174,6 +175,10 @@ def test_fd_real_small_noise_large():
     res = fd_fashion(real, n=400)
     assert res.name == FD_NAME and "FID" not in str(res)
     assert FD_NAME in str(res) and "baseline" in str(res)
+    # the baseline's spread over five disjoint sets of 400 test images; baseline itself is the first set's
+    assert res.baseline_draws == 5 and 0 < res.baseline_sd < res.baseline and "over 5 disjoint sets" in str(res)
+    one = fd_fashion(real, n=400, baseline_draws=1)
+    assert one.baseline == res.baseline and one.baseline_draws == 1 and math.isnan(one.baseline_sd)
     assert res.classifier_accuracy > 0.88
     assert res.fd < 3 * res.baseline + 1.0
     g = torch.Generator().manual_seed(0)
