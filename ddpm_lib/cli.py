@@ -206,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "EMA is still mostly the initial network)")
     s.add_argument("--steps", type=_positive_int, default=None,
                    help="DDIM steps [50] (not with --sampler ddpm, which takes all T steps)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; not with --sampler ddpm)")
+    s.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM eta (0: deterministic; 1: DDPM's noise with the posterior variance; above 1 the "
+                        "steps no longer keep the forward process's marginals; not with --sampler ddpm)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples")
     s.add_argument("--batch-size", type=_positive_int, default=256, help="samples per batch")
     s.add_argument("--seed", type=int, default=0,
@@ -373,7 +375,11 @@ def _cmd_train(args) -> int:
         if args.var_type == "learned_range":
             overrides["learn_sigma"] = True
         torch.manual_seed(explicit.get("seed", TrainConfig.seed))  # the initial weights, as the Trainer's draws
-        model = UNet.from_preset(args.preset, **overrides)
+        try:
+            model = UNet.from_preset(args.preset, **overrides)
+        except ValueError as exc:  # e.g. a preset's attention resolution that these images do not have
+            raise ValueError(f"--preset {args.preset} on {H}x{W} images: {exc} (--size resizes the images; or "
+                             f"choose another --preset)") from None
         diffusion = GaussianDiffusion(args.schedule, args.mean_type, args.var_type, args.loss_type,
                                       num_timesteps=args.T)
         info = {k: v for k, v in data_cfg.items() if v is not None}

@@ -106,6 +106,7 @@ def test_a_new_run_does_not_replace_an_old_one_and_seeds_its_weights(run, tmp_pa
 
 def test_settings_that_cannot_train_are_refused(tmp_path, capsys):
     for flags, words in [(["--var-type", "learned_range"], "--var-type learned_range needs --loss-type hybrid"),
+                         (["--preset", "cifar10"], "--preset cifar10 on 8x8 images: attn_resolutions [16] are not"),
                          (["--lr", "0"], "lr must be a number > 0"),
                          (["--ema-decay", "1"], "ema_decay must lie in [0, 1)")]:
         assert main(["train", *TINY, *flags, "--steps", "1", "--out", str(tmp_path / "x")]) == 1
