@@ -687,7 +687,8 @@ class Trainer:
         self._scale = self.scaler.get_scale() if self.scaler is not None else 1.0
         self.skipped_steps = 0
         self.use_channels_last = _resolve_auto(config.channels_last, cuda)
-        if diffusion.var_type.value == "learned_range" and diffusion.loss_type.value == "simple":
+        var_type, loss_type = getattr(diffusion, "var_type", None), getattr(diffusion, "loss_type", None)
+        if getattr(var_type, "value", None) == "learned_range" and getattr(loss_type, "value", None) == "simple":
             raise ValueError("var_type='learned_range' needs loss_type='hybrid' (or 'vlb'): L_simple sends no "
                              "gradient to the variance output, which sampling would then use untrained")
         self.diffusion = diffusion
