@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m ddpm_lib train --preset fashion-small --steps 2000 --out runs/fm
+    python -m ddpm_lib train --preset fashion-small --steps 2000 --warmup 500 --ema-warmup on --out runs/fm
     python -m ddpm_lib train --out runs/fm --resume --steps 4000          # continue runs/fm/last.pt
     python -m ddpm_lib sample --ckpt runs/fm/last.pt --sampler ddim --steps 50 --n 64 --out samples.png
     python -m ddpm_lib sample --ckpt runs/fm/last.pt --n 1000 --out samples.npz --crop --fd
@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--minutes", type=float, default=None, help="wall-clock budget for this run, in minutes")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run even where OUT/last.pt holds one (without --resume or this, that is an "
-                        "error, so that a forgotten --resume does not replace a run)")
+                        "error, so that a forgotten --resume does not replace a run; the old run's grids in "
+                        "OUT/samples stay until overwritten)")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="resume from PATH, or from OUT/last.pt when given without a path (starting fresh if "
                         "there is none); model, diffusion and data come from the checkpoint")
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the decoder L_0.")
     b.add_argument("--ckpt", required=True, help="checkpoint")
     b.add_argument("--n", type=_positive_int, default=256, help="number of test images")
+    b.add_argument("--weights", default="ema", choices=["ema", "model"],
+                   help="the EMA weights (the paper's) or the raw ones (full checkpoints)")
     b.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch")
     b.add_argument("--split", default="test", choices=["train", "test"],
                    help="data split (the digits data set has only 'train')")
@@ -303,7 +306,7 @@ def _cmd_train(args) -> int:
     import torch
 
     from .diffusion import GaussianDiffusion
-    from .trainer import Trainer, TrainConfig, export_checkpoint, read_checkpoint
+    from .trainer import Trainer, TrainConfig, read_checkpoint
     from .unet import UNet
 
     if args.threads:
@@ -329,13 +332,16 @@ def _cmd_train(args) -> int:
         elif not resume_path.exists():
             raise FileNotFoundError(f"--resume: checkpoint not found: {resume_path}")
 
-    if resume_path is None and not args.overwrite and (out / "last.pt").exists():
+    if args.overwrite and resume_path is not None:
+        raise ValueError("--overwrite starts a new run; --resume continues one: choose one")
+    replaced = resume_path is None or resume_path.resolve() != (out / "last.pt").resolve()
+    if replaced and not args.overwrite and (out / "last.pt").exists():  # also --resume OTHER/last.pt
         try:
             at = f" at step {read_checkpoint(out / 'last.pt')['step']}"
         except Exception:  # a damaged file is still not to be replaced silently
             at = ""
-        raise FileExistsError(f"{out / 'last.pt'} holds a run{at}: pass --resume to continue it, "
-                              f"--overwrite to start a new one there, or another --out")
+        raise FileExistsError(f"{out / 'last.pt'} holds a run{at}: pass --resume (without a path) to continue "
+                              f"it, --overwrite to replace it, or another --out")
     if resume_path is not None:
         given = [f"--{k.replace('_', '-')}" for k in _FROM_CHECKPOINT if getattr(args, k) is not None]
         given += ["--conditional"] if args.conditional else []
@@ -356,9 +362,6 @@ def _cmd_train(args) -> int:
         for k, v in _NEW_RUN_DEFAULTS.items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
-        if args.var_type == "learned_range" and args.loss_type == "simple":
-            raise ValueError("--var-type learned_range needs --loss-type hybrid (or vlb): L_simple sends no "
-                             "gradient to the variance output, which sampling would then use untrained")
         pad_to = args.pad_to
         if pad_to is None and args.size is None and args.dataset in ("fashion_mnist", "mnist"):
             pad_to = 32
@@ -377,8 +380,10 @@ def _cmd_train(args) -> int:
         torch.manual_seed(explicit.get("seed", TrainConfig.seed))  # the initial weights, as the Trainer's draws
         try:
             model = UNet.from_preset(args.preset, **overrides)
-        except ValueError as exc:  # e.g. a preset's attention resolution that these images do not have
-            raise ValueError(f"--preset {args.preset} on {H}x{W} images: {exc} (--size resizes the images; or "
+        except ValueError as exc:
+            if "attn_resolutions" not in str(exc):
+                raise
+            raise ValueError(f"the {args.preset} preset on {H}x{W} images: {exc} (--size resizes the images; or "
                              f"choose another --preset)") from None
         diffusion = GaussianDiffusion(args.schedule, args.mean_type, args.var_type, args.loss_type,
                                       num_timesteps=args.T)
@@ -406,7 +411,9 @@ def _cmd_train(args) -> int:
          f"{f' or {args.minutes:g} min' if args.minutes else ''}")
     if nothing:
         _say(f"the run is already at step {trainer.step}, at or past --steps {steps} (the total, not a number to "
-             f"add): nothing to train, nothing written")
+             f"add): nothing to train")
+        if args.export and trainer.last_checkpoint is not None:
+            _export(trainer.last_checkpoint, args.export)
         return 0
     if args.no_progress:  # no bar: the logged losses as lines, for logs of batch jobs
         trainer.on_log = lambda r: _say(f"step {r['step']}: loss {r['loss']:.4f}, {r['images_per_s']:.0f} "
@@ -421,9 +428,15 @@ def _cmd_train(args) -> int:
     _say(f"done: step {trainer.step}, {st['steps']} steps in {st['wall_s']:.1f} s, "
          f"{st['images_per_s']:.1f} images/s, final loss {st['final_loss']:.4f}; checkpoint {trainer.last_checkpoint}")
     if args.export:
-        path = export_checkpoint(trainer.last_checkpoint, args.export)
-        _say(f"exported EMA weights (float16) to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        _export(trainer.last_checkpoint, args.export)
     return 0
+
+
+def _export(checkpoint, dst) -> None:
+    from .trainer import export_checkpoint
+
+    path = export_checkpoint(checkpoint, dst)
+    _say(f"exported EMA weights (float16) to {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 # ---------------------------------------------------------------------------------------------- sample
@@ -450,6 +463,12 @@ def _cmd_sample(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png or .npz, got {out}")
+    if args.sampler == "ddpm" and args.eta != 0:
+        raise ValueError("--eta is DDIM's; --sampler ddpm always samples with the checkpoint's variance")
+    if args.sampler == "ddpm" and args.steps is not None:
+        raise ValueError("--steps is DDIM's; --sampler ddpm (Algorithm 2) takes all T steps")
+    if args.steps is None:
+        args.steps = 50
     device = _device(args.device)
     model, diffusion, config = load_checkpoint(args.ckpt, map_location=device, weights=args.weights)
     shape = (config.get("data") or {}).get("shape")
@@ -461,12 +480,6 @@ def _cmd_sample(args) -> int:
         raise ValueError("--guidance-scale/--class-label need a class-conditional checkpoint (trained with --conditional)")
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         raise ValueError(f"--class-label must lie in 0..{num_classes - 1}, got {args.class_label}")
-    if args.sampler == "ddpm" and args.eta != 0:
-        raise ValueError("--eta is DDIM's; --sampler ddpm always samples with the checkpoint's variance")
-    if args.sampler == "ddpm" and args.steps is not None:
-        raise ValueError("--steps is DDIM's; --sampler ddpm (Algorithm 2) takes all T steps")
-    if args.steps is None:
-        args.steps = 50
     if args.fd and (config.get("data") or {}).get("name") != "fashion_mnist":
         raise ValueError("--fd needs a Fashion-MNIST checkpoint")
     if args.sampler == "ddim" and args.steps > diffusion.num_timesteps:
@@ -531,7 +544,7 @@ def _cmd_bpd(args) -> int:
     from .trainer import load_checkpoint
 
     device = _device(args.device)
-    model, diffusion, config = load_checkpoint(args.ckpt, map_location=device)
+    model, diffusion, config = load_checkpoint(args.ckpt, map_location=device, weights=args.weights)
     data_cfg = dict(config.get("data") or {})
     name = data_cfg.get("name")
     if not name:
@@ -549,16 +562,17 @@ def _cmd_bpd(args) -> int:
     _say(f"  step KLs     {res.kl:9.4f} ± {res.kl_se:.4f}   (sum of L_1 .. L_{{T-1}})")
     _say(f"  decoder L_0  {res.decoder:9.4f} ± {res.decoder_se:.4f}")
     if data_cfg.get("pad_to"):
-        side = data_cfg.get("original_size") or "smaller"
+        side = data_cfg.get("original_size")
+        unpadded = f"the {side}x{side} images" if side else "the unpadded images"
         _say(f"  (per dimension of the {data_cfg['pad_to']}x{data_cfg['pad_to']} padded images, the black border "
-             f"included: not comparable with bits/dim of the {side}x{side} images)")
+             f"included: not comparable with bits/dim of {unpadded})")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- info
 def _cmd_info(args) -> int:
     from .ema import ema_init_weight
-    from .trainer import YOUNG_EMA_WEIGHT, load_checkpoint, read_checkpoint
+    from .trainer import load_checkpoint, read_checkpoint, young_ema_warning
 
     state = read_checkpoint(args.ckpt)
     with warnings.catch_warnings():
@@ -582,9 +596,9 @@ def _cmd_info(args) -> int:
     _say(f"train: {json.dumps(shown.get('train'))}")
     train_cfg = shown.get("train") or {}
     if "ema_decay" in train_cfg:
-        share = ema_init_weight(int(state["step"]), float(train_cfg["ema_decay"]), bool(train_cfg.get("ema_warmup")))
-        _say(f"EMA: {100 * share:.3g}% of its weight is still on the initial network"
-             + (" (samples from it may look like noise)" if share > YOUNG_EMA_WEIGHT else ""))
+        ema = (int(state["step"]), float(train_cfg["ema_decay"]), bool(train_cfg.get("ema_warmup")))
+        _say(f"EMA: {100 * ema_init_weight(*ema):.3g}% of its weight is still on the weights training started from"
+             + (" (samples from it may look like noise)" if young_ema_warning(*ema) else ""))
     hist = state.get("history") or []
     if hist:
         _say(f"last logged loss: {hist[-1][1]:.4f} at step {hist[-1][0]}")

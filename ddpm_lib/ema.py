@@ -48,9 +48,11 @@ def ema_init_weight(updates: int, decay: float, warmup: bool = False) -> float:
     updates, decay = int(updates), float(decay)
     if not warmup or updates == 0 or decay == 0.0:
         return decay**updates
-    # the warm-up's (1 + s) / (10 + s) is below decay for s < s0, decay itself from then on
+    # the warm-up's (1 + s) / (10 + s) is below decay for s < s0, decay itself from then on; the product of
+    # the first s0 telescopes to s0! 9! / (s0 + 9)! = 1 / C(s0 + 9, 9)
     s0 = updates if decay == 1.0 else min(updates, max(0, math.ceil((10.0 * decay - 1.0) / (1.0 - decay))))
-    return math.exp(sum(math.log((1.0 + s) / (10.0 + s)) for s in range(s0))) * decay ** (updates - s0)
+    log_warm = math.lgamma(s0 + 1) + math.lgamma(10) - math.lgamma(s0 + 10)
+    return math.exp(log_warm) * decay ** (updates - s0)
 
 
 class EMA:

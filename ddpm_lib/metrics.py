@@ -541,7 +541,7 @@ def fd_fashion(samples, reference=None, n: Optional[int] = None, *, device=None,
     if n < 2 or n > x.shape[0]:
         raise ValueError(f"n must lie in 2..{x.shape[0]} (the number of samples), got {n}")
     x = x[:n]
-    if isinstance(baseline_draws, bool) or int(baseline_draws) != baseline_draws or baseline_draws < 1:
+    if isinstance(baseline_draws, bool) or not isinstance(baseline_draws, (int, np.integer)) or baseline_draws < 1:
         raise ValueError(f"baseline_draws must be an int >= 1, got {baseline_draws!r}")
     g = torch.Generator().manual_seed(seed)
     extra = []  # further disjoint sets of n for the baseline's spread

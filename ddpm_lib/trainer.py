@@ -267,20 +267,23 @@ _SCHEDULE_NAMES = ("linear", "cosine", "quadratic", "sigmoid")
 YOUNG_EMA_WEIGHT = 0.1
 
 
-def young_ema_warning(updates: int, decay: float, warmup: bool) -> Optional[str]:
+def young_ema_warning(updates: int, decay: float, warmup: bool, raw_weights: bool = True) -> Optional[str]:
     """A warning's text when an EMA after ``updates`` updates is still mostly the initial network, else None.
 
     The paper's decay 0.9999 without warm-up keeps 61 % of the initial weights after 5,000 steps and 10 %
     after 23,000: samples from such an average look like noise however well the raw weights sample.
+    ``raw_weights``: whether the raw weights are at hand to sample instead (not in an EMA-only export).
     """
     share = ema_init_weight(updates, decay, warmup)
     if share <= YOUNG_EMA_WEIGHT * (1 + 1e-9):  # not for rounding: one warm-up update leaves exactly 0.1
         return None
-    fix = "train longer or with a smaller ema_decay" if warmup else "train with ema_warmup=True or a smaller ema_decay"
-    return (f"the EMA weights still give {100 * share:.0f}% of their weight to the untrained initial network "
+    fixes = ["train longer or with a smaller ema_decay" if warmup else "train with ema_warmup=True or a smaller ema_decay"]
+    if raw_weights:
+        fixes.insert(0, "sample from the raw weights (load_checkpoint(..., weights='model'), Trainer.model, "
+                        "--weights model on the command line)")
+    return (f"the EMA weights still give {100 * share:.0f}% of their weight to the weights training started from "
             f"({updates:,} update{'' if updates == 1 else 's'} at decay {decay:g}, {'with' if warmup else 'without'}"
-            f" warm-up): samples from them may look like noise. Sample from the raw weights "
-            f"(load_checkpoint(..., weights='model'), Trainer.model, sample --weights model), or {fix}")
+            f" warm-up): samples from them may look like noise. Fix: {', or '.join(fixes)}")
 
 
 def diffusion_config(diffusion: GaussianDiffusion) -> Dict[str, Any]:
@@ -491,12 +494,19 @@ def _jsonable(v):
     return json.loads(json.dumps(v)) if v is not _MISSING else v
 
 
-def _short(v, limit: int = 8) -> str:
-    """repr of a config value, with long lists (a schedule's betas) cut to their length and ends."""
+def _short(v, other=None, limit: int = 8) -> str:
+    """repr of a config value, with long lists (a schedule's betas) cut to their length and ends, and to
+    the first entry that differs from ``other`` (a list of the same length)."""
     if isinstance(v, (list, tuple)) and len(v) > limit:
-        return f"[{v[0]!r}, {v[1]!r}, ..., {v[-1]!r}] ({len(v)} values)"
+        text = f"[{v[0]!r}, {v[1]!r}, ..., {v[-1]!r}] ({len(v)} values)"
+        if isinstance(other, (list, tuple)) and len(other) == len(v):
+            i = next((i for i, (a, b) in enumerate(zip(v, other)) if _jsonable(a) != _jsonable(b)), None)
+            if i is not None:
+                text += f", [{i}] = {v[i]!r}"
+        return text
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k!r}: {_short(x, limit)}" for k, x in v.items()) + "}"
+        o = other if isinstance(other, dict) else {}
+        return "{" + ", ".join(f"{k!r}: {_short(x, o.get(k), limit)}" for k, x in v.items()) + "}"
     return repr(v)
 
 
@@ -516,7 +526,7 @@ def check_config(config: Mapping[str, Any], expect: Mapping[str, Any], path: Any
         if isinstance(want, (tuple, list)):
             want = list(want)
         if _jsonable(have) != _jsonable(want):
-            problems.append(f"{label}: checkpoint has {_short(have)}, expected {_short(want)}")
+            problems.append(f"{label}: checkpoint has {_short(have, want)}, expected {_short(want, have)}")
 
     for key, want in expect.items():
         if key == "model_config":
@@ -579,7 +589,7 @@ def load_checkpoint(path: PathLike, map_location="cpu", expect: Optional[Mapping
     train_cfg = config.get("train") or {}
     if weights == "ema" and "ema_decay" in train_cfg:
         message = young_ema_warning(config["step"], float(train_cfg["ema_decay"]),
-                                    bool(train_cfg.get("ema_warmup", False)))
+                                    bool(train_cfg.get("ema_warmup", False)), raw_weights="model" in state)
         if message:
             warnings.warn(f"{path}: {message}", RuntimeWarning, stacklevel=2)
     sd = state[weights]
@@ -933,8 +943,8 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"the gradient stayed non-finite under float16 loss scaling until the scale fell to "
                     f"{self._scale:g} (step {step + 1}; {self.skipped_steps} updates skipped in all): it "
-                    f"overflows even unscaled. Try fp16=False, a lower learning rate (lr={self.cfg.lr:g}) or "
-                    f"gradient clipping.", step=step + 1, checkpoint=self.last_checkpoint)
+                    f"overflows even unscaled. Try {self._remedies()}.", step=step + 1,
+                    checkpoint=self.last_checkpoint)
             return
         self.ema.update(self.model, step)
 
@@ -995,17 +1005,21 @@ class Trainer:
             where = (f"the last good checkpoint {self.last_checkpoint} is left as it was"
                      if self.last_checkpoint is not None else "no checkpoint was written")
             self._write_history()
-            tries = [f"a lower learning rate (lr={self.cfg.lr:g})"]
-            if self.cfg.grad_clip is None:
-                tries.append("gradient clipping (grad_clip=1.0)")
-            if self.use_bf16 or self.use_fp16:
-                tries.append(f"{'fp16' if self.use_fp16 else 'bf16'}=False")
-            if self._iterable is not None:
-                tries.append("checking the batches for NaN or inf")
             raise NonFiniteLossError(
                 f"the loss (or gradient) became non-finite at step {bad}; training stopped and {where}. "
-                f"Try {' or '.join(tries)}.",
+                f"Try {self._remedies()}.",
                 step=bad, checkpoint=self.last_checkpoint)
+
+    def _remedies(self) -> str:
+        """What to try after a non-finite loss or gradient, for this run's settings."""
+        tries = [f"a lower learning rate (lr={self.cfg.lr:g})"]
+        if self.cfg.grad_clip is None:
+            tries.append("gradient clipping (grad_clip=1.0)")
+        if self.use_bf16 or self.use_fp16:
+            tries.append(f"{'fp16' if self.use_fp16 else 'bf16'}=False")
+        if self._iterable is not None:
+            tries.append("checking the batches for NaN or inf")
+        return " or ".join(tries)
 
     def _check_weights(self) -> None:
         norms = torch._foreach_norm([p.detach() for p in self._params])

@@ -65,7 +65,8 @@ def test_bpd_and_info(run, capsys):
     out = capsys.readouterr().out
     assert "step: 4" in out and "parameters: " in out and "preset=tiny" in out
     # four updates at the paper's decay 0.9999 without warm-up: 0.9999 ** 4 of the average is the initial network
-    assert "EMA: 100% of its weight is still on the initial network (samples from it may look like noise)" in out
+    assert "EMA: 100% of its weight is still on the weights training started from (samples from it may look like " \
+           "noise)" in out
 
 
 def test_resume_continues(run, tmp_path, capsys):
@@ -89,7 +90,14 @@ def test_a_new_run_does_not_replace_an_old_one_and_seeds_its_weights(run, tmp_pa
     out = tmp_path / "copy"
     shutil.copytree(run, out)
     assert main(["train", *TINY, "--steps", "1", "--out", str(out)]) == 1
-    assert "holds a run at step 4: pass --resume to continue it, --overwrite" in _err_line(capsys)
+    assert "holds a run at step 4: pass --resume (without a path) to continue it, --overwrite" in _err_line(capsys)
+    other = tmp_path / "other"
+    assert main(["train", *TINY, "--steps", "1", "--sample-every", "0", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", str(other / "last.pt"), "--steps", "2"]) == 1
+    assert "holds a run at step 4" in _err_line(capsys)  # resuming another run into OUT would replace it too
+    assert main(["train", "--out", str(out), "--resume", "--overwrite", "--steps", "5"]) == 1
+    assert "--overwrite starts a new run; --resume continues one" in _err_line(capsys)
     assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["step"] == 4  # left as it was
     states = []
     for name in ("a", "b"):
@@ -105,8 +113,9 @@ def test_a_new_run_does_not_replace_an_old_one_and_seeds_its_weights(run, tmp_pa
 
 
 def test_settings_that_cannot_train_are_refused(tmp_path, capsys):
-    for flags, words in [(["--var-type", "learned_range"], "--var-type learned_range needs --loss-type hybrid"),
-                         (["--preset", "cifar10"], "--preset cifar10 on 8x8 images: attn_resolutions [16] are not"),
+    for flags, words in [(["--var-type", "learned_range"], "var_type='learned_range' needs loss_type='hybrid'"),
+                         (["--preset", "cifar10"], "the cifar10 preset on 8x8 images: attn_resolutions [16] are not"),
+                         (["--dropout", "2"], "dropout"),
                          (["--lr", "0"], "lr must be a number > 0"),
                          (["--ema-decay", "1"], "ema_decay must lie in [0, 1)")]:
         assert main(["train", *TINY, *flags, "--steps", "1", "--out", str(tmp_path / "x")]) == 1
@@ -193,10 +202,11 @@ def test_resume_says_which_flags_it_ignores(run, tmp_path, capsys):
     _, diffusion, cfg = load_checkpoint(out / "last.pt")
     assert diffusion.num_timesteps == 30 and cfg["train"]["lr"] == 1e-3  # training options do apply
     before = (out / "last.pt").stat().st_mtime_ns
-    assert main(["train", "--out", str(out), "--resume", "--steps", "2", "--no-progress"]) == 0
-    assert "already at step 5, at or past --steps 2 (the total, not a number to add): nothing to train, nothing " \
-           "written" in capsys.readouterr().out
-    assert (out / "last.pt").stat().st_mtime_ns == before
+    export = tmp_path / "export.pt"
+    assert main(["train", "--out", str(out), "--resume", "--steps", "2", "--no-progress", "--export", str(export)]) == 0
+    printed = capsys.readouterr().out
+    assert "already at step 5, at or past --steps 2 (the total, not a number to add): nothing to train" in printed
+    assert (out / "last.pt").stat().st_mtime_ns == before and export.is_file()  # the export is still written
 
 
 def test_cifar10_takes_the_papers_network_and_flips(tmp_path, monkeypatch, capsys):
@@ -220,7 +230,7 @@ def test_cifar10_takes_the_papers_network_and_flips(tmp_path, monkeypatch, capsy
     base = ["train", "--dataset", "cifar10", "--steps", "0", "--batch-size", "4", "--no-progress"]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
-    assert "training cifar10 (35,746,307 parameters) on cifar10 [3, 32, 32]" in out and "nothing written" in out
+    assert "training cifar10 (35,746,307 parameters) on cifar10 [3, 32, 32]" in out and "nothing to train" in out
     assert not (tmp_path / "a" / "last.pt").exists()
     assert main([*base, "--hflip", "off", "--preset", "fashion-small", "--out", str(tmp_path / "b")]) == 0
     assert "training fashion-small" in capsys.readouterr().out and flips == [True, False]  # what is given is kept
@@ -230,6 +240,23 @@ def test_no_progress_prints_the_logged_losses(tmp_path, capsys):
     assert main(["train", *TINY, "--steps", "4", "--sample-every", "0", "--out", str(tmp_path / "r")]) == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
     assert [l.split(":")[0] for l in lines] == ["step 2", "step 4"] and "images/s, lr" in lines[0], lines
+    with_bar = [a for a in TINY if a != "--no-progress"]
+    assert main(["train", *with_bar, "--steps", "2", "--sample-every", "0", "--out", str(tmp_path / "bar")]) == 0
+    assert not [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]  # the bar shows them
+
+
+def test_warnings_are_one_line_and_the_format_is_restored(run, tmp_path):
+    import warnings
+
+    before = warnings.formatwarning
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda m, c, f, l, file=None, line=None: seen.append(warnings.formatwarning(m, c, f, l))
+        assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "1", "--steps", "1", "--no-progress",
+                     "--out", str(tmp_path / "one.png")]) == 0
+    assert seen and all(s.startswith("warning: ") and s.count("\n") == 1 for s in seen), seen
+    assert warnings.formatwarning is before
 
 
 def test_sample_seed_and_early_errors(run, tmp_path, capsys):
