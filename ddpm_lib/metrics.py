@@ -544,7 +544,7 @@ def fd_fashion(samples, reference=None, n: Optional[int] = None, *, device=None,
     if isinstance(baseline_draws, bool) or not isinstance(baseline_draws, (int, np.integer)) or baseline_draws < 1:
         raise ValueError(f"baseline_draws must be an int >= 1, got {baseline_draws!r}")
     g = torch.Generator().manual_seed(seed)
-    extra = []  # further disjoint sets of n for the baseline's spread
+    pool = None  # where further disjoint sets of n for the baseline's spread come from
     if reference is None:
         test = load_dataset("fashion_mnist", "test").images
         if n > test.shape[0]:
@@ -553,8 +553,7 @@ def fd_fashion(samples, reference=None, n: Optional[int] = None, *, device=None,
         perm = torch.randperm(test.shape[0], generator=g)
         a = test[perm[:n]]
         if 2 * n <= test.shape[0]:
-            b, source = test[perm[n:2 * n]], f"two disjoint sets of {n} test images"
-            extra = [test[perm[j * n:(j + 1) * n]] for j in range(2, min(baseline_draws + 1, test.shape[0] // n))]
+            b, source, pool = test[perm[n:2 * n]], f"two disjoint sets of {n} test images", test
         else:
             train = load_dataset("fashion_mnist", "train").images
             b = train[torch.randperm(train.shape[0], generator=g)[:n]]
@@ -566,8 +565,9 @@ def fd_fashion(samples, reference=None, n: Optional[int] = None, *, device=None,
                              f"got {ref.shape[0]}")
         perm = torch.randperm(ref.shape[0], generator=g)
         a, b = ref[perm[:n]], ref[perm[n:2 * n]]
-        source = f"two disjoint sets of {n} reference images"
-        extra = [ref[perm[j * n:(j + 1) * n]] for j in range(2, min(baseline_draws + 1, ref.shape[0] // n))]
+        source, pool = f"two disjoint sets of {n} reference images", ref
+    extra = [] if pool is None else [pool[perm[j * n:(j + 1) * n]]
+                                     for j in range(2, min(baseline_draws + 1, pool.shape[0] // n))]
     net, info = fashion_classifier(device, cache=cache)
     fa = classifier_features(a, classifier=net, batch_size=batch_size)
     fb = classifier_features(b, classifier=net, batch_size=batch_size)

@@ -697,8 +697,8 @@ class Trainer:
         self._scale = self.scaler.get_scale() if self.scaler is not None else 1.0
         self.skipped_steps = 0
         self.use_channels_last = _resolve_auto(config.channels_last, cuda)
-        var_type, loss_type = getattr(diffusion, "var_type", None), getattr(diffusion, "loss_type", None)
-        if getattr(var_type, "value", None) == "learned_range" and getattr(loss_type, "value", None) == "simple":
+        if (isinstance(diffusion, GaussianDiffusion) and diffusion.var_type.value == "learned_range"
+                and diffusion.loss_type.value == "simple"):  # (a flow process has neither)
             raise ValueError("var_type='learned_range' needs loss_type='hybrid' (or 'vlb'): L_simple sends no "
                              "gradient to the variance output, which sampling would then use untrained")
         self.diffusion = diffusion
@@ -806,9 +806,10 @@ class Trainer:
                 raise ValueError(f"data: {images.shape[0]} images but {labels.shape[0]} labels")
             if config.hflip and images.ndim != 4:
                 raise ValueError("hflip needs images of shape (N, C, H, W)")
-            bad = int((~torch.isfinite(images)).sum())
-            if bad:
-                raise ValueError(f"data: {bad:,} image values are NaN or infinite (the loss would be NaN at once)")
+            finite = torch.isfinite(images)
+            if not bool(finite.all()):
+                raise ValueError(f"data: {int(finite.numel() - finite.sum()):,} image values are NaN or infinite "
+                                 f"(the loss would be NaN at once)")
         if self.num_classes and labels is None and self._iterable is None:
             raise ValueError("the model is class-conditional (num_classes) but the data have no labels")
         self.data_info = _infer_data_info(images, name, labels, data_info)
