@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-root", default=None,
                    help="torchvision data root (default $DDPM_DATA_DIR or ~/.cache/ddpm_lib)")
     b.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    b.add_argument("--progress", action="store_true", help="show a progress bar over timesteps")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar over the timesteps")
+    b.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)  # the bar is on by default now
     b.set_defaults(func=_cmd_bpd)
 
     # ---- info
@@ -409,6 +410,9 @@ def _cmd_train(args) -> int:
          f"CUDA graph {trainer.use_cuda_graph}; "
          f"until step {steps if steps is not None else '-'}"
          f"{f' or {args.minutes:g} min' if args.minutes else ''}")
+    T = trainer.diffusion.num_timesteps
+    if c.sample_every and c.sample_steps > T:  # the grids would take T steps without saying so
+        _say(f"note: --sample-steps {c.sample_steps} is above T = {T}: the sample grids use {T} DDIM steps")
     if nothing:
         _say(f"the run is already at step {trainer.step}, at or past --steps {steps} (the total, not a number to "
              f"add): nothing to train")
@@ -555,7 +559,7 @@ def _cmd_bpd(args) -> int:
         split = "train"
     data = _load_data(name, split, data_cfg, args.data_root)
     res = bits_per_dim(model, diffusion, data, n=args.n, batch_size=args.batch_size, device=device,
-                       seed=args.seed, progress=args.progress)
+                       seed=args.seed, progress=not args.no_progress)
     _say(f"variational bound on {res.n} {name} {split} images (T = {diffusion.num_timesteps}):")
     _say(f"  total        {res.total:9.4f} ± {res.total_se:.4f} bits/dim")
     _say(f"  prior L_T    {res.prior:9.5f} ± {res.prior_se:.5f}")
@@ -572,7 +576,7 @@ def _cmd_bpd(args) -> int:
 # ---------------------------------------------------------------------------------------------- info
 def _cmd_info(args) -> int:
     from .ema import ema_init_weight
-    from .trainer import load_checkpoint, read_checkpoint, young_ema_warning
+    from .trainer import ema_updates, load_checkpoint, read_checkpoint, young_ema_warning
 
     state = read_checkpoint(args.ckpt)
     with warnings.catch_warnings():
@@ -596,7 +600,7 @@ def _cmd_info(args) -> int:
     _say(f"train: {json.dumps(shown.get('train'))}")
     train_cfg = shown.get("train") or {}
     if "ema_decay" in train_cfg:
-        ema = (int(state["step"]), float(train_cfg["ema_decay"]), bool(train_cfg.get("ema_warmup")))
+        ema = (ema_updates(state), float(train_cfg["ema_decay"]), bool(train_cfg.get("ema_warmup")))
         _say(f"EMA: {100 * ema_init_weight(*ema):.3g}% of its weight is still on the weights training started from"
              + (" (samples from it may look like noise)" if young_ema_warning(*ema) else ""))
     hist = state.get("history") or []

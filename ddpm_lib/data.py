@@ -308,7 +308,8 @@ def _unavailable_message(name: str, root: Path, reason: str) -> str:
         f"{_DISPLAY[name]} is not available: no files under {where}, and {reason}. "
         f"Available offline now: {', '.join(offline)} (load_dataset), and the 2-D toy sets "
         f"{', '.join(TOY_DATASETS)} (toy_data). To get {_DISPLAY[name]}, run once with internet access "
-        f"(e.g. on Colab; download=None or True) to fetch it through torchvision into root, or copy the "
+        f"(e.g. on Colab), where load_dataset and the command line download it through torchvision into the "
+        f"data root by default (unless download=False), or copy the "
         f"torchvision files there yourself and pass root=... (--data-root on the command line) or set "
         f"{DATA_DIR_ENV_VAR}."
     )

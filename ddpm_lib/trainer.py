@@ -107,6 +107,7 @@ __all__ = [
     "train",
     "warmup_lr",
     "young_ema_warning",
+    "ema_updates",
     "YOUNG_EMA_WEIGHT",
     "diffusion_config",
     "diffusion_from_config",
@@ -265,6 +266,12 @@ _SCHEDULE_NAMES = ("linear", "cosine", "quadratic", "sigmoid")
 #: :func:`load_checkpoint` and :meth:`Trainer.sample_grid` warn when the EMA weights still give the
 #: network's initial weights more than this share (:func:`ddpm_lib.ema.ema_init_weight`).
 YOUNG_EMA_WEIGHT = 0.1
+
+
+def ema_updates(state: Dict[str, Any]) -> int:
+    """How many times a checkpoint's EMA was updated: its step, less the updates fp16's loss scaler skipped
+    (an overflowing gradient skips the EMA's update too)."""
+    return int(state["step"]) - int(state.get("skipped_steps", 0))
 
 
 def young_ema_warning(updates: int, decay: float, warmup: bool, raw_weights: bool = True) -> Optional[str]:
@@ -588,7 +595,7 @@ def load_checkpoint(path: PathLike, map_location="cpu", expect: Optional[Mapping
         raise CheckpointError(f"{path} is an EMA-only export: it holds no raw model weights (use weights='ema')")
     train_cfg = config.get("train") or {}
     if weights == "ema" and "ema_decay" in train_cfg:
-        message = young_ema_warning(config["step"], float(train_cfg["ema_decay"]),
+        message = young_ema_warning(ema_updates(state), float(train_cfg["ema_decay"]),
                                     bool(train_cfg.get("ema_warmup", False)), raw_weights="model" in state)
         if message:
             warnings.warn(f"{path}: {message}", RuntimeWarning, stacklevel=2)
@@ -629,6 +636,7 @@ def export_checkpoint(src: PathLike, dst: PathLike, dtype: Optional[torch.dtype]
         "config": state["config"],
         "ema": ema,
         "history": state.get("history", []),
+        **({"skipped_steps": int(state["skipped_steps"])} if "skipped_steps" in state else {}),
     }
     return save_checkpoint(out, dst)
 
@@ -1250,7 +1258,7 @@ class Trainer:
         y = None
         if self.num_classes:
             y = torch.arange(n, device=self.device) % self.num_classes
-        message = young_ema_warning(self.step, self.ema.decay, self.ema.warmup)
+        message = young_ema_warning(self.step - self.skipped_steps, self.ema.decay, self.ema.warmup)
         if message:
             warnings.warn(f"samples at step {self.step:,}: {message}", RuntimeWarning, stacklevel=3)
         x = ddim_sample(self.ema.model, self.diffusion, shape, steps=steps, eta=0.0, generator=g, y=y,

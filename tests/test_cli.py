@@ -57,7 +57,7 @@ def test_sample_png_and_npz(run, tmp_path, capsys):
 
 
 def test_bpd_and_info(run, capsys):
-    assert main(["bpd", "--ckpt", str(run / "last.pt"), "--n", "4", "--batch-size", "2"]) == 0
+    assert main(["bpd", "--ckpt", str(run / "last.pt"), "--n", "4", "--batch-size", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     for word in ("total", "prior L_T", "step KLs", "decoder L_0", "bits/dim"):
         assert word in out
@@ -234,6 +234,14 @@ def test_cifar10_takes_the_papers_network_and_flips(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "a" / "last.pt").exists()
     assert main([*base, "--hflip", "off", "--preset", "fashion-small", "--out", str(tmp_path / "b")]) == 0
     assert "training fashion-small" in capsys.readouterr().out and flips == [True, False]  # what is given is kept
+
+
+def test_sample_steps_above_T_are_named(tmp_path, capsys):
+    """The grids cannot take more DDIM steps than T: train says so instead of clamping silently."""
+    assert main(["train", *TINY, "--sample-steps", "50", "--steps", "0", "--out", str(tmp_path / "r")]) == 0
+    assert "note: --sample-steps 50 is above T = 30: the sample grids use 30 DDIM steps" in capsys.readouterr().out
+    assert main(["train", *TINY, "--steps", "0", "--out", str(tmp_path / "q")]) == 0
+    assert "note: --sample-steps" not in capsys.readouterr().out
 
 
 def test_no_progress_prints_the_logged_losses(tmp_path, capsys):

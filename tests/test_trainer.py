@@ -17,6 +17,7 @@ from ddpm_lib.trainer import (
     Trainer,
     TrainingOutOfMemoryError,
     TrainConfig,
+    ema_updates,
     export_checkpoint,
     load_checkpoint,
     read_checkpoint,
@@ -153,6 +154,15 @@ def test_ema_init_weight_and_the_young_ema_warning(digits, tmp_path):
         load_checkpoint(tmp_path / "last.pt", weights="model")  # the raw weights: no warning
     with pytest.warns(RuntimeWarning, match="samples at step 2: the EMA weights still give"):
         tr.sample_grid(tmp_path / "grid.png", n=2, steps=2)
+    # fp16's skipped updates skip the EMA's too: the warning counts the updates made, also after an export
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    state.update(step=30000, skipped_steps=25000)
+    torch.save(state, tmp_path / "skips.pt")
+    assert ema_updates(state) == 5000
+    export_checkpoint(tmp_path / "skips.pt", tmp_path / "skips_ema.pt")
+    for path in ("skips.pt", "skips_ema.pt"):
+        with pytest.warns(RuntimeWarning, match=r"still give 61% .*5,000 updates"):
+            load_checkpoint(tmp_path / path)
 
 
 def test_grad_clipping_happens(digits):
