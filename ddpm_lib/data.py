@@ -604,6 +604,10 @@ class TensorLoader:
 
     def forever(self) -> Iterator:
         """Batches without end, epoch after epoch (for step-based training loops)."""
+        if len(self) == 0:  # an empty epoch would make this loop spin without yielding
+            n = self.images.shape[0]
+            raise ValueError(f"no batch to yield: {n} image{'' if n == 1 else 's'}"
+                             + (f" < batch_size {self.batch_size} with drop_last=True" if n else ""))
         while True:
             yield from self
 
@@ -709,7 +713,9 @@ class GaussianMixture2D:
         """``n`` samples ``(n, d)`` (and their component indices ``(n,)`` with ``return_labels``)."""
         n = _check_positive_int(n, "n", allow_none=False)
         gen = _as_generator(generator)
-        comp = torch.multinomial(self.weights, n, replacement=True, generator=gen)
+        if gen is not None and gen.device.type != "cpu":
+            raise ValueError("generator must be a CPU torch.Generator (points are drawn on the CPU)")
+        comp = torch.multinomial(self.weights.cpu(), n, replacement=True, generator=gen)
         z = torch.randn(n, self.dim, generator=gen, dtype=torch.float64)
         x = (self.means[comp] + self.stds[comp, None] * z).to(dtype)
         return (x, comp) if return_labels else x
@@ -834,16 +840,25 @@ def toy_data(name: str, n: int, generator: SeedLike = None, *, device=None,
 
 def to_uint8(x) -> np.ndarray:
     """Images in [-1, 1] to uint8 channels-last: ``(N, C, H, W)`` -> ``(N, H, W, C)``, or
-    ``(C, H, W)`` -> ``(H, W, C)``. Values are clipped and rounded (``k = round((x + 1) * 127.5)``)."""
+    ``(C, H, W)`` -> ``(H, W, C)``. Values are clipped and rounded (``k = round((x + 1) * 127.5)``).
+
+    uint8 input is taken as pixel values 0..255 (as ``python -m ddpm_lib sample`` writes them to .npz),
+    channels-last already when its last axis has 1 or 3 entries and the channel axis does not.
+    """
     x = torch.as_tensor(x).detach()
     if x.ndim not in (3, 4):
         raise ValueError(f"x must have shape (N, C, H, W) or (C, H, W), got {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        if not (x.shape[-1] in (1, 3) and x.shape[-3] not in (1, 3)):
+            x = x.movedim(-3, -1)
+        return np.ascontiguousarray(x.cpu().numpy())
     x = torch.round((x.to(device="cpu", dtype=torch.float32).clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
     return np.ascontiguousarray(x.movedim(-3, -1).numpy())
 
 
 def image_grid(x, nrow: int = 8, padding: int = 2, pad_value: int = 255, upscale: int = 1) -> np.ndarray:
-    """Tile images ``(N, C, H, W)`` in [-1, 1] into one uint8 picture ``(H', W', C)``.
+    """Tile images ``(N, C, H, W)`` in [-1, 1] (or uint8, see :func:`to_uint8`) into one uint8 picture
+    ``(H', W', C)``.
 
     ``nrow`` images per row (as ``torchvision.utils.make_grid``), ``padding`` pixels of ``pad_value``
     between and around them, each image enlarged ``upscale`` times (nearest; for 8x8 digits).
@@ -869,13 +884,13 @@ def image_grid(x, nrow: int = 8, padding: int = 2, pad_value: int = 255, upscale
 
 
 def save_image_grid(x, path: Union[str, Path], nrow: int = 8, **kwargs) -> Path:
-    """Save :func:`image_grid` of ``x (N, C, H, W)`` as a PNG (grey ``"L"`` or ``"RGB"``) at ``path``;
-    returns the path. ``kwargs`` go to :func:`image_grid`."""
+    """Save :func:`image_grid` of ``x (N, C, H, W)`` as a PNG (grey ``"L"`` or ``"RGB"``) at ``path``,
+    whatever its extension; returns the path. ``kwargs`` go to :func:`image_grid`."""
     from PIL import Image
 
     grid = image_grid(x, nrow, **kwargs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    img.save(path)
+    img.save(path, format="PNG")
     return path

@@ -16,7 +16,9 @@ The layout follows the official code (``facebookresearch/DiT``, ``models.py``) l
 paper's ``DiT-XL/2`` has its 675,129,632 parameters (counting, as the official code does, the
 294,912 entries of the fixed sin-cos position table, which here is a buffer, not a parameter).
 Departures: the sinusoidal timestep features are ``ddpm_lib``'s :func:`~ddpm_lib.nn.timestep_embedding`
-(sin first, the convention of the DDPM code) rather than GLIDE's (cos first); the label embedding
+(sin first, the convention of the DDPM code) rather than GLIDE's (cos first); the 2-D position table
+encodes the row in its first half and the column in its second (the official table, from MAE, puts the
+column first: official weights would need the halves swapped); the label embedding
 always has the extra "null" row (index ``num_classes``) for classifier-free guidance; label dropout
 is the training loop's business, not the network's.
 
@@ -92,7 +94,8 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: Optional[int] = None,
                         max_period: float = 10000.0) -> torch.Tensor:
     """The fixed 2-D sin-cos position embedding of MAE and DiT (book ``eq-sincos-2d``), float64.
 
-    The first ``dim/2`` features encode the token's row ``i``, the last ``dim/2`` its column ``j``,
+    The first ``dim/2`` features encode the token's row ``i``, the last ``dim/2`` its column ``j``
+    (MAE's and DiT's official tables have the two halves the other way round),
     each as ``[sin(pos * w_k), cos(pos * w_k)]`` with ``w_k = max_period ** (-k / (dim/4))``,
     ``k = 0 .. dim/4 - 1``. Token ``n = i * grid_w + j`` (the order of :func:`patchify`).
     Shape: ``(grid_h * grid_w, dim)``; ``dim`` must be divisible by 4.
@@ -379,7 +382,7 @@ class DiT(nn.Module):
         cond, uncond = out.chunk(2)
         w = guidance_scale
         if torch.is_tensor(w) and w.ndim == 1:
-            w = w.to(cond.dtype).reshape(-1, 1, 1, 1)
+            w = w.to(cond.device, cond.dtype).reshape(-1, 1, 1, 1)
         c = self.in_channels
         eps = (1 + w) * cond[:, :c] - w * uncond[:, :c]
         if self.out_channels == c:

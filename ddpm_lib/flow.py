@@ -143,6 +143,8 @@ class RectifiedFlow:
         The integral is the mean over the ``steps`` Euler steps. Shapes: ``noise (B, *)`` -> ``(B,)``
         (summed over dimensions).
         """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
         x = noise
         vs = []

@@ -196,6 +196,9 @@ class ClassifierGuidedModel(nn.Module):
     without ``y`` it returns the plain model's output. So
     ``ddim_sample(ClassifierGuidedModel(model, clf, diffusion, 3.0), diffusion, shape, y=labels)``
     (or ``ddpm_sample``) samples with classifier guidance. ``y`` is not passed on to ``model``.
+    With respacing, wrap the guided model and give it the original diffusion, so that the classifier and
+    the model see the original timesteps: ``RespacedModel(ClassifierGuidedModel(model, clf, diffusion, s),
+    respaced.timestep_map)``, sampled with ``respaced``.
 
     Args:
         model: ``eps_theta(x, t)`` (or x_0 or v, as ``diffusion.mean_type`` says); classifier:

@@ -400,7 +400,7 @@ def _read_classifier(path: Path, epochs: float, seed: int):
     return state
 
 
-_CLASSIFIERS: Dict[Tuple, Tuple[FashionClassifier, Dict[str, Any]]] = {}
+_CLASSIFIERS: Dict[Tuple, Tuple[Dict[str, torch.Tensor], Dict[str, Any]]] = {}  # weights, info
 
 
 def fashion_classifier(device=None, *, cache: Optional[Union[str, os.PathLike]] = None, epochs: float = 2.0,
@@ -415,14 +415,14 @@ def fashion_classifier(device=None, *, cache: Optional[Union[str, os.PathLike]] 
     ``epochs`` passes, ~40 s on one core; needs the Fashion-MNIST training and test splits through
     :func:`~ddpm_lib.load_dataset`, downloading them where possible) and written there atomically
     under a file lock (parallel processes train it once). ``info["test_accuracy"]`` is its accuracy
-    on the 10,000 test images (about 0.90).
+    on the 10,000 test images (about 0.90). Each call returns a network of its own: what a caller does
+    to it (``.train()``, ``.to(...)``, fine-tuning) does not reach :func:`fd_fashion`.
     """
     folder = Path(cache).expanduser() if cache is not None else cache_dir()
     path = folder / _CLF_FILE
     key = (str(path), float(epochs), seed)
     if not retrain and key in _CLASSIFIERS:
-        net, info = _CLASSIFIERS[key]
-        return net.to(device or "cpu"), dict(info)
+        return _classifier_from(*_CLASSIFIERS[key], device)
     state = None if retrain else _read_classifier(path, epochs, seed)
     if state is None and not retrain and cache is None:
         # the package ships the default classifier (epochs=2, seed=0), so FDs agree across machines
@@ -440,12 +440,16 @@ def fashion_classifier(device=None, *, cache: Optional[Union[str, os.PathLike]] 
                 sd, info = _train_classifier(epochs, seed, progress=progress)
                 state = {"format": _CLF_FORMAT, "version": _CLF_VERSION, "state_dict": sd, "info": info}
                 save_checkpoint(state, path)  # temporary file + os.replace
-    net = FashionClassifier()
-    net.load_state_dict(state["state_dict"])
-    net.eval().requires_grad_(False)
     info = dict(state["info"])
     info["path"] = str(path)
-    _CLASSIFIERS[key] = (net, info)
+    _CLASSIFIERS[key] = (state["state_dict"], info)
+    return _classifier_from(state["state_dict"], info, device)
+
+
+def _classifier_from(state_dict, info, device) -> Tuple[FashionClassifier, Dict[str, Any]]:
+    net = FashionClassifier()
+    net.load_state_dict(state_dict)
+    net.eval().requires_grad_(False)
     return net.to(device or "cpu"), dict(info)
 
 

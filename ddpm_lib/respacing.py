@@ -64,6 +64,8 @@ def respace(diffusion: GaussianDiffusion, timesteps: Union[int, Sequence[int], n
     if isinstance(timesteps, (int, np.integer)) and not isinstance(timesteps, bool):
         seq = space_timesteps(T, int(timesteps))
     else:
+        if torch.is_tensor(timesteps):
+            timesteps = timesteps.detach().cpu()
         seq = np.asarray(timesteps)
         if seq.ndim != 1 or seq.size == 0 or not np.issubdtype(seq.dtype, np.integer):
             raise ValueError(f"timesteps must be an int or a non-empty 1-D sequence of ints, got {timesteps!r}")
@@ -106,6 +108,11 @@ class RespacedModel(nn.Module):
         """``(respaced_diffusion, wrapped_model)`` for sampling ``model`` on ``timesteps`` (see :func:`respace`)."""
         new = respace(diffusion, timesteps)
         return new, cls(model, new.timestep_map)
+
+    @property
+    def num_classes(self):
+        """The wrapped model's (so that :func:`~ddpm_lib.metrics.bits_per_dim` passes the labels on)."""
+        return getattr(self.model, "num_classes", None)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if t.dtype.is_floating_point:

@@ -502,7 +502,7 @@ class ConsistencyModel(nn.Module):
         ab = diffusion.alphas_cumprod.float()
         self.register_buffer("sqrt_alphas_cumprod", ab.sqrt(), persistent=False)
         self.register_buffer("sigmas", ve_sigma(diffusion.alphas_cumprod).float(), persistent=False)
-        self.sigma_min = float(ve_sigma(diffusion.alphas_cumprod[0]))
+        self.sigma_min = float(self.sigmas[0])  # the very value forward() reads at t = 0, in any dtype
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         if t.dtype.is_floating_point or t.shape != (x.shape[0],):

@@ -419,7 +419,7 @@ class UNet(nn.Module):
         cond, uncond = out.chunk(2)
         w = guidance_scale
         if torch.is_tensor(w) and w.ndim == 1:
-            w = w.to(cond.dtype).reshape(-1, 1, 1, 1)
+            w = w.to(cond.device, cond.dtype).reshape(-1, 1, 1, 1)
         c = self.in_channels
         eps = (1 + w) * cond[:, :c] - w * uncond[:, :c]
         if self.out_channels == c:

@@ -496,7 +496,7 @@ def schedule_explorer(
     T: int = 1000,
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
-    t: int = 500,
+    t: Optional[int] = None,
     seed: int = 0,
     scaled: bool = False,
     reference_settings: Sequence[Dict[str, Any]] = REFERENCE_SETTINGS,
@@ -526,7 +526,7 @@ def schedule_explorer(
             files are on disk, else the first of scikit-learn's 8x8 digits.
         schedules: the names in the menu (a subset of the library's four).
         schedule, T, beta_start, beta_end, t, scaled: the initial state (beta values snap to the
-            nearest value of the slider's ladder).
+            nearest value of the slider's ladder; t None: ``T // 2``).
         reference_settings: settings at which ddpm_lib's alpha-bar is embedded (see
             :func:`schedule_reference`) for a browser test.
     Returns:
@@ -546,6 +546,8 @@ def schedule_explorer(
     tmin, tmax, tstep = T_RANGE
     if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or not tmin <= T <= tmax or (T - tmin) % tstep:
         raise ValueError(f"T must be an int in {tmin}..{tmax} in steps of {tstep}, got {T!r}")
+    if t is None:
+        t = T // 2
     if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 1 <= t <= T:
         raise ValueError(f"t must be the paper's timestep, an int in 1..T={T}, got {t!r}")
     for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):

@@ -443,3 +443,17 @@ def test_to_uint8_and_grid(tmp_path):
     path = D.save_image_grid(torch.zeros(4, 3, 8, 8), tmp_path / "rgb.png", nrow=2)
     with Image.open(path) as img:
         assert img.mode == "RGB"
+    # a PNG whatever the extension (PIL would write a lossy JPEG for .jpg, and fail without one)
+    for name in ("grid.jpg", "grid"):
+        assert D.save_image_grid(x, tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    # uint8 pixels (as `python -m ddpm_lib sample` writes them to .npz, channels-last) pass through unchanged
+    assert np.array_equal(D.to_uint8(u), u) and np.array_equal(D.to_uint8(u.transpose(0, 3, 1, 2)), u)
+    assert np.array_equal(D.image_grid(u, nrow=4, padding=2), grid)
+
+
+def test_a_loader_without_a_batch_says_so():
+    """drop_last with fewer images than a batch: forever() would spin without yielding."""
+    loader = D.make_loader(torch.zeros(10, 1, 4, 4), batch_size=64, drop_last=True)
+    with pytest.raises(ValueError, match="10 images < batch_size 64 with drop_last=True"):
+        next(loader.forever())
+    assert next(D.make_loader(torch.zeros(10, 1, 4, 4), batch_size=64).forever()).shape == (10, 1, 4, 4)

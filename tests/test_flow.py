@@ -115,3 +115,8 @@ def test_the_ddpm_trainer_trains_a_flow():
                              sample_every=0, save_every=0, progress=False, log_every=10)
     tr.train(steps=20)
     assert tr.step == 20 and math.isfinite(tr.history[-1][1])
+
+
+def test_straightness_needs_a_step():
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        RectifiedFlow().straightness(lambda x, t: x, torch.randn(3, 2), steps=0)

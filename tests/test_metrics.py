@@ -200,3 +200,14 @@ def test_fd_bad_inputs():
     if "fashion_mnist" in available_datasets():  # set A of the default reference is the 10,000 test images
         with pytest.raises(ValueError, match="more than the 10,000 images"):
             fd_fashion(-torch.ones(10_001, 1, 28, 28))
+
+
+def test_each_caller_gets_its_own_classifier():
+    """What a caller does to the network it was given (train mode, another dtype) does not reach fd_fashion."""
+    a, _ = metrics.fashion_classifier()
+    b, _ = metrics.fashion_classifier()
+    assert a is not b
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    before = metrics.classifier_features(x)
+    a.train().to(torch.float64)
+    assert torch.equal(metrics.classifier_features(x), before)

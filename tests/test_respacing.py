@@ -71,3 +71,21 @@ def test_bad_timesteps():
         respace(d, [0, 50])
     with pytest.raises(ValueError, match="ints"):
         respace(d, [0.5, 2.0])
+
+
+def test_respaced_conditional_model_keeps_its_labels_in_the_bound():
+    """bits_per_dim reads num_classes through the wrapper, so the K-step bound is given the labels."""
+    from ddpm_lib.metrics import bits_per_dim
+
+    torch.manual_seed(0)
+    m = ToyMLP(2, 16, 1, num_classes=3)
+    d = GaussianDiffusion("linear", num_timesteps=100, decoder="gaussian")
+    dk, mk = RespacedModel.wrap(m, d, 10)
+    assert mk.num_classes == 3 and RespacedModel(ToyMLP(2, 16, 1), dk.timestep_map).num_classes is None
+    x, y = torch.randn(8, 2) * 0.5, torch.arange(8) % 3
+    seen = []
+    m.register_forward_hook(lambda mod, args, kwargs, out: seen.append(kwargs.get("y")), with_kwargs=True)
+    res = bits_per_dim(mk, dk, (x, y), clip_denoised=False)
+    assert res.conditional and all(v is not None and int(v.max()) < 3 for v in seen)
+    # a tensor of timesteps, also one on another device, is accepted
+    assert torch.equal(respace(d, torch.tensor([0, 50, 99])).timestep_map, torch.tensor([0, 50, 99]))

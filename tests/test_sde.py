@@ -224,6 +224,10 @@ def test_consistency_boundary_and_scalings():
     assert torch.allclose(consistency_scalings(ve_sigma(ab), cm.sigma_min)[2], ab.sqrt())  # c_in xhat = x_t
     with pytest.raises(ValueError):
         cm(x, torch.zeros(7))
+    # exact in float64 too: sigma_min is the value of the buffer forward() reads at t = 0
+    cm64 = ConsistencyModel(lambda z, t: torch.full_like(z, 1e3), d).to(F64)
+    x64 = x.double()
+    assert torch.equal(cm64(x64, torch.zeros(7, dtype=torch.long)), x64 / cm64.sqrt_alphas_cumprod[0])
 
 
 def test_consistency_distillation_of_an_exact_teacher():

@@ -205,3 +205,11 @@ def test_javascript_rejects_what_the_library_rejects():
     assert json.loads(out) == ["error"] * 4
     with pytest.raises(ValueError):
         make_beta_schedule("linear", 10)  # the scaled default ends give beta >= 1 there too
+
+
+def test_the_initial_t_fits_a_short_chain(image):
+    """The default t is the chain's middle, so any T works without passing t."""
+    fig = web.schedule_explorer(image=image, T=100)
+    assert re.search(r'-t" type="range" min="1" max="100" step="1" value="50"', fig.data)
+    with pytest.raises(ValueError, match="1..T=100"):
+        web.schedule_explorer(image=image, T=100, t=500)
