@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--crop", action="store_true",
                    help="undo the padding recorded in the checkpoint (e.g. 32x32 -> 28x28 Fashion-MNIST)")
     s.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row (default sqrt(n))")
+    s.add_argument("--chain", default=None, metavar="PNG",
+                   help="also save the chain of the first (up to) 8 samples to this .png: for each sample a row of "
+                        "x_t and below it a row of the network's x_0 prediction, at 11 steps from t = T down to the "
+                        "end (to see where samples that stay noise or drift in colour go wrong)")
     s.add_argument("--fd", action="store_true",
                    help="also print the FD (Fashion-MNIST classifier) of the samples with its real-vs-real "
                         "baseline (Fashion-MNIST checkpoints; not FID)")
@@ -456,6 +460,31 @@ def _crop(x, config: Dict[str, Any]):
     return x[..., top:top + orig, top:top + orig]
 
 
+def _save_chain(chain, x, args, config) -> None:
+    """The --chain picture: per sample a row of x_t and a row of the x_0 prediction, left (t = T) to right,
+    the last column the sample itself in both rows."""
+    import numpy as np
+    import torch
+
+    from .data import save_image_grid
+
+    ts, x_t, x0 = chain["t"], chain["x_t"], chain["pred_x0"]
+    cols = sorted(set(np.linspace(0, len(ts) - 1, min(11, len(ts))).round().astype(int).tolist()))
+    n = min(8, x.shape[0])
+    final = x[:n].cpu()
+    rows = []
+    for i in range(n):
+        rows += [x_t[k, i] for k in cols] + [final[i]]
+        rows += [x0[k, i] for k in cols] + [final[i]]
+    grid = torch.stack(rows)
+    if args.crop:
+        grid = _crop(grid, config)
+    save_image_grid(grid, args.chain, nrow=len(cols) + 1)
+    shown = ", ".join(str(ts[k] + 1) for k in cols)
+    _say(f"wrote the chain of {n} sample{'s' if n > 1 else ''} to {args.chain}: rows x_t and the predicted x_0 at "
+         f"the paper's t = {shown}, then the sample (x_t shown clipped to [-1, 1])")
+
+
 def _cmd_sample(args) -> int:
     import numpy as np
     import torch
@@ -473,6 +502,8 @@ def _cmd_sample(args) -> int:
         raise ValueError("--steps is DDIM's; --sampler ddpm (Algorithm 2) takes all T steps")
     if args.steps is None:
         args.steps = 50
+    if args.chain is not None and Path(args.chain).suffix.lower() != ".png":
+        raise ValueError(f"--chain must end in .png, got {args.chain}")
     device = _device(args.device)
     model, diffusion, config = load_checkpoint(args.ckpt, map_location=device, weights=args.weights)
     shape = (config.get("data") or {}).get("shape")
@@ -514,11 +545,16 @@ def _cmd_sample(args) -> int:
                  else torch.arange(done, done + b) % num_classes).to(device)
             labels.append(y.cpu())
         kw = dict(generator=g, y=y, guidance_scale=args.guidance_scale, progress=not args.no_progress,
-                  device=device)
+                  device=device, return_intermediates=bool(args.chain) and done == 0)
         if args.sampler == "ddpm":
+            if kw["return_intermediates"]:
+                kw["record_every"] = max(1, diffusion.num_timesteps // 10)
             x = ddpm_sample(net, diffusion, (b, *shape), **kw)
         else:
             x = ddim_sample(net, diffusion, (b, *shape), steps=args.steps, eta=args.eta, **kw)
+        if kw["return_intermediates"]:
+            x, chain = x
+            _save_chain(chain, x, args, config)
         chunks.append(x.cpu())
         done += b
     x = torch.cat(chunks)

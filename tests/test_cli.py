@@ -441,3 +441,23 @@ def test_train_cuda_graph_option(tmp_path, capsys):
     assert main(["train", *TINY, "--steps", "2", "--sample-every", "0", "--cuda-graph", "on", "--out", str(out)]) == 0
     assert "CUDA graph False" in capsys.readouterr().out  # no CUDA here: the same step code, no graph
     assert json.loads((out / "config.json").read_text())["train"]["cuda_graph"] is True
+
+
+def test_sample_chain_shows_x_t_and_the_x0_prediction(run, tmp_path, capsys):
+    """--chain: per sample a row of x_t and a row of the predicted x_0 at 11 steps, then the sample itself."""
+    from PIL import Image
+
+    for sampler, extra, top in (("ddim", ["--steps", "20"], 29), ("ddpm", [], 30)):  # DDIM's tau ends at 28
+        chain = tmp_path / f"chain_{sampler}.png"
+        assert main(["sample", "--ckpt", str(run / "last.pt"), "--n", "3", "--batch-size", "2", "--sampler",
+                     sampler, *extra, "--chain", str(chain), "--out", str(tmp_path / "s.png"),
+                     "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        with Image.open(chain) as img:  # 8x8 digits, padding 2: 12 columns, 2 samples x 2 rows
+            assert img.size == (12 * 10 + 2, 4 * 10 + 2), img.size
+        assert "wrote the chain of 2 samples" in out and f"the paper's t = {top}, " in out and out.count(", ") >= 10
+        grid = np.asarray(Image.open(chain))
+        # the last column holds the sample in both rows of a sample
+        assert np.array_equal(grid[2:10, -10:-2], grid[12:20, -10:-2])
+    assert main(["sample", "--ckpt", str(run / "last.pt"), "--chain", str(tmp_path / "c.jpg")]) == 1
+    assert "--chain must end in .png" in _err_line(capsys)
