@@ -222,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="undo the padding recorded in the checkpoint (e.g. 32x32 -> 28x28 Fashion-MNIST)")
     s.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row (default sqrt(n))")
     s.add_argument("--chain", default=None, metavar="PNG",
-                   help="also save the chain of the first (up to) 8 samples to this .png: for each sample a row of "
-                        "x_t and below it a row of the network's x_0 prediction, at 11 steps from t = T down to the "
-                        "end (to see where samples that stay noise or drift in colour go wrong)")
+                   help="also save the chain of the first (up to) 8 samples of the first batch to this .png: for "
+                        "each a row of x_t and below it a row of the network's x_0 prediction, at 11 steps from the "
+                        "first timestep the sampler visits (t = T for DDPM) down to the sample (to see where samples "
+                        "that stay noise or drift in colour go wrong)")
     s.add_argument("--fd", action="store_true",
                    help="also print the FD (Fashion-MNIST classifier) of the samples with its real-vs-real "
                         "baseline (Fashion-MNIST checkpoints; not FID)")
@@ -551,6 +552,8 @@ def _cmd_sample(args) -> int:
                 kw["record_every"] = max(1, diffusion.num_timesteps // 10)
             x = ddpm_sample(net, diffusion, (b, *shape), **kw)
         else:
+            if kw["return_intermediates"]:  # about 11 of the steps, not all of them for the whole batch
+                kw["record_every"] = max(1, args.steps // 10)
             x = ddim_sample(net, diffusion, (b, *shape), steps=args.steps, eta=args.eta, **kw)
         if kw["return_intermediates"]:
             x, chain = x

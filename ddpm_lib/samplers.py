@@ -198,6 +198,7 @@ def ddim_sample(
     skip_type: str = "uniform",
     progress: bool = True,
     return_intermediates: bool = False,
+    record_every: Optional[int] = None,
     device=None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, Any]]]:
     """DDIM sampling (Song et al. 2021) with ``steps`` network calls (book ``eq-ddim-step``).
@@ -208,7 +209,8 @@ def ddim_sample(
     ``sigma^2`` would exceed ``1 - abar_prev``, the direction term's coefficient is clipped at 0 (as in
     the DDIM paper's code), so the steps no longer keep q's marginals.
 
-    Returns samples ``(B, ...)``, or ``(samples, {"t", "x_t", "pred_x0"})`` with every step recorded.
+    Returns samples ``(B, ...)``, or ``(samples, {"t", "x_t", "pred_x0"})`` with every step recorded
+    (``record_every=k``: every k-th visited step, counted from the first, and the last).
     """
     from tqdm.auto import tqdm
 
@@ -218,13 +220,18 @@ def ddim_sample(
     kw = _kwargs(model_kwargs, y, guidance_scale)
     seq = ddim_timesteps(diffusion.num_timesteps, steps, skip_type)
     prev = np.concatenate([[-1], seq[:-1]])
+    if record_every is not None and (isinstance(record_every, bool) or not isinstance(record_every, int)
+                                     or record_every < 1):
+        raise ValueError(f"record_every must be an int >= 1 or None, got {record_every!r}")
+    every = record_every or 1
     x = _initial(shape, x_T, generator, device, model)
     record: Dict[str, List] = {"t": [], "x_t": [], "pred_x0": []}
-    for t_i, t_prev in tqdm(list(zip(seq[::-1], prev[::-1])), disable=not progress, desc="DDIM"):
+    pairs = list(zip(seq[::-1], prev[::-1]))
+    for n, (t_i, t_prev) in enumerate(tqdm(pairs, disable=not progress, desc="DDIM")):
         t = torch.full((x.shape[0],), int(t_i), dtype=torch.long, device=device)
         out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=kw)
         noise = _randn(x.shape, generator, device, x.dtype) if (eta > 0 and t_prev >= 0) else None
-        if return_intermediates:
+        if return_intermediates and (n % every == 0 or n == len(pairs) - 1):
             record["t"].append(int(t_i))
             record["x_t"].append(x.cpu())
             record["pred_x0"].append(out["pred_x0"].cpu())

@@ -1307,8 +1307,8 @@ class Trainer:
             "rng": _to_cpu(self._rng_state()),
             "history": [[s, l] for s, l in self.history],
             "loss_window": {"sum": _to_cpu(self._loss_sum), "count": self._loss_count},
-            **({"scaler": self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
-               if self.scaler is not None else {}),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+            **({"skipped_steps": self.skipped_steps} if self.scaler is not None or self.skipped_steps else {}),
         }
 
     def save(self, path: Optional[PathLike] = None) -> Path:
@@ -1370,7 +1370,7 @@ class Trainer:
         if self.scaler is not None:  # a checkpoint without one (trained without fp16) starts a fresh scale
             self.scaler = self._new_scaler(state.get("scaler"))
             self._scale = self.scaler.get_scale()
-            self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))  # kept across a resume without fp16 too
         rng = state.get("rng") or {}
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])

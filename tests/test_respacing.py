@@ -87,5 +87,5 @@ def test_respaced_conditional_model_keeps_its_labels_in_the_bound():
     m.register_forward_hook(lambda mod, args, kwargs, out: seen.append(kwargs.get("y")), with_kwargs=True)
     res = bits_per_dim(mk, dk, (x, y), clip_denoised=False)
     assert res.conditional and all(v is not None and int(v.max()) < 3 for v in seen)
-    # a tensor of timesteps, also one on another device, is accepted
+    # a tensor of timesteps is accepted (one on a GPU is moved to the CPU first)
     assert torch.equal(respace(d, torch.tensor([0, 50, 99])).timestep_map, torch.tensor([0, 50, 99]))

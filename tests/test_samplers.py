@@ -112,6 +112,14 @@ def test_ddim_repeated_quadratic_timestep_leaves_x_unchanged(trained):
         assert torch.allclose(chain["x_t"][k], chain["x_t"][k - 1], atol=1e-6)
     with pytest.raises(ValueError, match="eta"):
         ddim_sample(model, d, (2, 2), steps=5, eta=float("nan"), progress=False)
+    # record_every=k keeps every k-th visited step and the last, the same values as the full record
+    x2, part = ddim_sample(model, d, (8, 2), steps=50, skip_type="quadratic", progress=False, record_every=7,
+                           return_intermediates=True, generator=torch.Generator().manual_seed(0))
+    keep = sorted({n for n in range(50) if n % 7 == 0} | {49})
+    assert part["t"] == [chain["t"][n] for n in keep] and torch.equal(part["x_t"], chain["x_t"][keep])
+    assert torch.equal(x2, x)
+    with pytest.raises(ValueError, match="record_every"):
+        ddim_sample(model, d, (2, 2), steps=5, progress=False, return_intermediates=True, record_every=0)
 
 
 def test_samplers_keep_a_float64_model_in_float64():

@@ -660,6 +660,11 @@ def test_fp16_skips_an_overflowing_update_and_resumes_bit_identically(digits, tm
     plain.train(steps=2)
     tr3 = _trainer(digits, None, fp16=True).resume(tmp_path / "plain" / "last.pt")
     assert tr3.scaler.get_scale() == 2.0**16 and tr3.skipped_steps == 0
+    # and an fp16 run resumed without fp16 keeps its count of skipped (EMA) updates in its checkpoints
+    tr4 = _trainer(digits, tmp_path / "plain2", fp16=False).resume(tmp_path / "last.pt")
+    assert tr4.scaler is None and tr4.skipped_steps == 1
+    tr4.save()
+    assert read_checkpoint(tmp_path / "plain2" / "last.pt")["skipped_steps"] == 1
 
 
 def test_fp16_stops_when_the_gradient_overflows_even_unscaled(digits, tmp_path):
